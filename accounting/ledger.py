@@ -1,0 +1,265 @@
+r"""The privacy ledger: what a run did, as (q, sigma, steps) segments, and what it cost.
+
+Training only appends to the ledger (:meth:`PrivacyLedger.record`); accountants interpret it.
+Composition over segments is heterogeneous: the RDP accountant adds the segments' RDP
+curves (Mironov 2017, Prop. 1), the PRV accountant convolves their privacy loss
+distributions (Gopi et al. 2021). The ledger serialises to JSON so that it survives
+checkpoints.
+
+:func:`account` is the one function that resolves an accountant name, a conversion and a
+relation into a result; the ledger, the calibration and the risk modules all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+from accounting import _validate
+from accounting.conversions import CONVERSIONS, Conversion, EpsilonResult, _minimise
+from accounting.errors import AccountingError, InvalidParameterError
+from accounting.events import PoissonGaussianEvent
+from accounting.prv import PRVResult, curve_for, default_eps_error
+from accounting.relations import Relation, parse_relation, substitute_epsilon
+
+Accountant = Literal["rdp", "prv"]
+FORMAT = "maskdp-privacy-ledger"
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------ accounting
+
+
+def _rdp_substitute(rdp: Any, delta: float, conversion: str) -> tuple[float, float]:
+    """Group-privacy substitute epsilon and the erase delta it used, from an RDP curve."""
+    from accounting.rdp import DEFAULT_ORDERS
+
+    def erase_eps(d: float) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return _minimise(DEFAULT_ORDERS, rdp, d, conversion).epsilon
+
+    return substitute_epsilon(erase_eps, delta)
+
+
+def _rdp(
+    events: Sequence[PoissonGaussianEvent],
+    delta: float,
+    conversion: str,
+    relation: Relation,
+    eps_error: float,
+) -> EpsilonResult:
+    from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+
+    rdp = rdp_of_events(events, DEFAULT_ORDERS)
+    if relation is Relation.ERASE:
+        return _minimise(DEFAULT_ORDERS, rdp, delta, conversion)
+    eps, d = _rdp_substitute(rdp, delta, conversion)
+    if d == 0.0:  # no finite bound (see substitute_epsilon)
+        return EpsilonResult(math.inf, delta, float(DEFAULT_ORDERS[0]), False, conversion)
+    at_d = _minimise(DEFAULT_ORDERS, rdp, d, conversion)  # warns once if at the grid edge
+    return EpsilonResult(eps, delta, at_d.order, at_d.at_grid_edge, conversion)
+
+
+def _prv(
+    events: Sequence[PoissonGaussianEvent],
+    delta: float,
+    conversion: str,
+    relation: Relation,
+    eps_error: float,
+) -> PRVResult:
+    if relation is Relation.ERASE:
+        curve = curve_for(events, eps_error=eps_error, delta_error=delta / 1000.0)
+        if curve is None:  # no events
+            return PRVResult(0.0, 0.0, 0.0, delta)
+        lower, estimate, upper = curve.epsilon(delta)
+        return PRVResult(lower, estimate, upper, delta)
+    # Size delta_error from the RDP answer: RDP overestimates epsilon, so its erase delta d is
+    # at most the PRV one, and d / 1000 stays below the deltas the search visits near it.
+    from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+
+    _, d_rdp = _rdp_substitute(rdp_of_events(events, DEFAULT_ORDERS), delta, conversion)
+    if d_rdp == 0.0:  # erase epsilon in the hundreds: PRV cannot resolve such deltas either
+        return PRVResult(math.inf, math.inf, math.inf, delta)
+    curve = curve_for(events, eps_error=eps_error, delta_error=d_rdp / 1000.0)
+    if curve is None:
+        return PRVResult(0.0, 0.0, 0.0, delta)
+
+    def erase_eps(d: float) -> float:
+        return curve.epsilon(d)[2] if d > curve.delta_error else math.inf
+
+    eps, d = substitute_epsilon(erase_eps, delta)
+    if d == 0.0:
+        return PRVResult(math.inf, math.inf, math.inf, delta)
+    lower, estimate, _ = curve.epsilon(d)
+    return PRVResult(2.0 * lower, 2.0 * estimate, eps, delta)
+
+
+_ACCOUNTANTS: dict[str, Callable[..., EpsilonResult | PRVResult]] = {"rdp": _rdp, "prv": _prv}
+ACCOUNTANTS: tuple[str, ...] = tuple(_ACCOUNTANTS)
+
+
+def account(
+    events: Sequence[PoissonGaussianEvent],
+    delta: float,
+    *,
+    accountant: Accountant = "rdp",
+    conversion: Conversion = "hypothesis-test",
+    relation: Relation | str = Relation.ERASE,
+    eps_error: float | None = None,
+) -> EpsilonResult | PRVResult:
+    r"""Epsilon of the composition of ``events`` at ``delta``: the rich result.
+
+    * ``accountant="rdp"``: :class:`EpsilonResult` on :data:`~accounting.rdp.DEFAULT_ORDERS`
+      with ``conversion`` (an upper bound);
+    * ``accountant="prv"``: :class:`PRVResult` (lower, estimate, upper; the upper is the
+      guarantee), ``eps_error`` its epsilon error (default:
+      :func:`accounting.prv.default_eps_error`); ``conversion`` is ignored.
+    * ``relation="substitute"``: group privacy of size 2 from erase (see
+      :mod:`accounting.relations`); for PRV the lower and estimate fields then bracket the
+      group-privacy expression :math:`2\varepsilon(d)`, not the true substitute epsilon.
+    """
+    d = _validate.open_unit("delta", delta)
+    name = _validate.choice("accountant", accountant, ACCOUNTANTS)
+    conv = _validate.choice("conversion", conversion, CONVERSIONS)
+    rel = parse_relation(relation)
+    events = tuple(events)
+    if eps_error is None:
+        eps_error = default_eps_error(events, d) if name == "prv" else 0.01
+    ee = _validate.positive("eps_error", eps_error)
+    return _ACCOUNTANTS[name](events, d, conv, rel, ee)
+
+
+def guarantee(result: EpsilonResult | PRVResult) -> float:
+    """The epsilon a result guarantees: ``epsilon`` (RDP) or ``epsilon_upper`` (PRV)."""
+    return result.epsilon if isinstance(result, EpsilonResult) else result.epsilon_upper
+
+
+# ---------------------------------------------------------------------------------- ledger
+
+
+def _merged(segments: Iterable[PoissonGaussianEvent]) -> tuple[PoissonGaussianEvent, ...]:
+    out: list[PoissonGaussianEvent] = []
+    for seg in segments:
+        if not isinstance(seg, PoissonGaussianEvent):
+            raise InvalidParameterError(
+                f"segments must be PoissonGaussianEvent instances, got {type(seg).__name__}"
+            )
+        if out and (out[-1].sample_rate, out[-1].noise_multiplier) == (
+            seg.sample_rate,
+            seg.noise_multiplier,
+        ):
+            last = out.pop()
+            seg = PoissonGaussianEvent(
+                last.sample_rate, last.noise_multiplier, last.steps + seg.steps
+            )
+        out.append(seg)
+    return tuple(out)
+
+
+class PrivacyLedger:
+    """An append-only record of Poisson-subsampled Gaussian segments.
+
+    Consecutive segments with equal (q, sigma) are merged (composition does not depend on
+    how steps are grouped). Two ledgers are equal when their merged segments are.
+    """
+
+    __slots__ = ("_segments",)
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __init__(self, segments: Iterable[PoissonGaussianEvent] = ()) -> None:
+        self._segments: tuple[PoissonGaussianEvent, ...] = _merged(segments)
+
+    @property
+    def segments(self) -> tuple[PoissonGaussianEvent, ...]:
+        """The merged segments, oldest first (immutable events in a tuple)."""
+        return self._segments
+
+    @property
+    def steps(self) -> int:
+        """Total number of steps over all segments."""
+        return sum(seg.steps for seg in self._segments)
+
+    def record(self, sample_rate: float, noise_multiplier: float, steps: int = 1) -> None:
+        """Append ``steps`` steps at (q, sigma); validates everything before changing state."""
+        event = PoissonGaussianEvent(sample_rate, noise_multiplier, steps)
+        self._segments = _merged((*self._segments, event))
+
+    def report(
+        self,
+        delta: float,
+        *,
+        accountant: Accountant = "rdp",
+        conversion: Conversion = "hypothesis-test",
+        relation: Relation | str = Relation.ERASE,
+    ) -> EpsilonResult | PRVResult:
+        """The rich result of :func:`account` for this ledger."""
+        return account(
+            self._segments, delta, accountant=accountant, conversion=conversion, relation=relation
+        )
+
+    def epsilon(
+        self,
+        delta: float,
+        *,
+        accountant: Accountant = "rdp",
+        conversion: Conversion = "hypothesis-test",
+        relation: Relation | str = Relation.ERASE,
+    ) -> float:
+        """The guaranteed epsilon at ``delta`` (an upper bound; PRV: its upper bound)."""
+        return guarantee(
+            self.report(delta, accountant=accountant, conversion=conversion, relation=relation)
+        )
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "segments": [seg.to_dict() for seg in self._segments],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrivacyLedger:
+        """Inverse of :meth:`to_dict`; AccountingError on anything unexpected."""
+        if not isinstance(d, dict):
+            raise AccountingError(f"ledger must be a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise AccountingError(f"ledger format must be {FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != FORMAT_VERSION:
+            raise AccountingError(
+                f"ledger version must be {FORMAT_VERSION}, got {d.get('version')!r} (written by another MaskDP?)"
+            )
+        segments = d.get("segments")
+        if not isinstance(segments, list):
+            raise AccountingError(f"ledger segments must be a list, got {type(segments).__name__}")
+        return cls(PoissonGaussianEvent.from_dict(s) for s in segments)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> PrivacyLedger:
+        """Parse :meth:`to_json` output; AccountingError on corrupt input."""
+        if not isinstance(s, (str, bytes, bytearray)):
+            raise AccountingError(f"ledger JSON must be a string, got {type(s).__name__}")
+        try:
+            data = json.loads(s)
+        except (ValueError, RecursionError) as exc:
+            raise AccountingError(f"ledger JSON is corrupt: {exc}") from None
+        return cls.from_dict(data)
+
+    def copy(self) -> PrivacyLedger:
+        return PrivacyLedger(self._segments)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrivacyLedger):
+            return NotImplemented
+        return self._segments == other._segments
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger(segments={list(self._segments)!r})"

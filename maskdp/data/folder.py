@@ -1,0 +1,363 @@
+"""A user's masked clips as a folder: ``labels.csv`` plus one clip file and one mask file each.
+
+Layout::
+
+    root/labels.csv          header ``clip,mask,label`` (extra columns are ignored)
+    root/clips/000000.npy    float clip (C, T, H, W), or .pt; .mp4/.avi/... need PyAV
+    root/masks/000000.npy    mask (T, H, W): bool, or integers 0/1 (True/1 = sensitive)
+
+Paths in the CSV are relative to ``root``. Nothing is silently skipped: the CSV structure
+and the existence of every file are checked when the dataset is built, the content of a
+clip and its mask (dtype, shape, NaN, mask values) when the item is loaded; each problem
+raises :class:`~maskdp.errors.InvalidInputError` naming the file and the CSV line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from maskdp.errors import InvalidInputError
+
+COLUMNS: tuple[str, ...] = ("clip", "mask", "label")
+TENSOR_SUFFIXES: tuple[str, ...] = (".npy", ".pt", ".pth")
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+Transform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One CSV row: ``line`` is its line number in the CSV (the header is line 1)."""
+
+    line: int
+    clip: Path
+    mask: Path
+    label: int
+
+
+class ClipFolder(Dataset):
+    """Items ``(clip (C, T, H, W) float32, mask (T, H, W) bool, label int64)`` from a folder.
+
+    ``transform(clip, mask) -> (clip, mask)`` is applied after the checks (a spatial
+    transform must move the mask with the clip). ``labels`` (N,) holds every label and
+    ``num_classes`` is the largest label plus one.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        labels: str = "labels.csv",
+        transform: Transform | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InvalidInputError(f"dataset folder {self.root} does not exist or is not a folder")
+        self.labels_path = self.root / labels
+        if not self.labels_path.is_file():
+            raise InvalidInputError(
+                f"labels file {self.labels_path} not found; a ClipFolder needs a CSV with the "
+                f"header {','.join(COLUMNS)}"
+            )
+        if transform is not None and not callable(transform):
+            raise InvalidInputError(f"transform must be callable, got {type(transform).__name__}")
+        self.transform = transform
+        self.records = _read_records(self.labels_path, self.root)
+        self.labels = torch.tensor([r.label for r in self.records], dtype=torch.int64)
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _where(self, record: ClipRecord) -> str:
+        return f"{self.labels_path.name} line {record.line}"
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        record = self.records[index]
+        where = self._where(record)
+        clip = check_clip(_load(record.clip, "clip", where), record.clip, where)
+        mask = check_mask(_load(record.mask, "mask", where), record.mask, where)
+        if tuple(mask.shape) != tuple(clip.shape[1:]):
+            raise InvalidInputError(
+                f"{where}: mask {record.mask} has shape {tuple(mask.shape)} but clip "
+                f"{record.clip} has shape {tuple(clip.shape)}: expected {tuple(clip.shape[1:])}"
+            )
+        if self.transform is not None:
+            result = self.transform(clip, mask)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise InvalidInputError(
+                    f"transform must return a (clip, mask) tuple, got {type(result).__name__}"
+                )
+            clip, mask = result
+        return clip, mask, self.labels[index].clone()
+
+    @classmethod
+    def write(
+        cls,
+        root: str | os.PathLike[str],
+        clips: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
+        masks: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
+        labels: Tensor | np.ndarray | Sequence[int],
+        *,
+        fmt: str = "npy",
+        labels_file: str = "labels.csv",
+        overwrite: bool = False,
+    ) -> ClipFolder:
+        """Write a folder with :func:`write_clip_folder` and open it."""
+        write_clip_folder(
+            root, clips, masks, labels, fmt=fmt, labels_file=labels_file, overwrite=overwrite
+        )
+        return cls(root, labels=labels_file)
+
+    def __repr__(self) -> str:
+        return f"ClipFolder({str(self.root)!r}, {len(self)} clips, {self.num_classes} classes)"
+
+
+def _read_records(path: Path, root: Path) -> list[ClipRecord]:
+    name = path.name
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, skipinitialspace=True)
+            if reader.fieldnames is None:
+                raise InvalidInputError(
+                    f"{path} is empty; it needs the header {','.join(COLUMNS)} and one row per clip"
+                )
+            reader.fieldnames = [f.strip() for f in reader.fieldnames]
+            missing = [c for c in COLUMNS if c not in reader.fieldnames]
+            if missing:
+                raise InvalidInputError(
+                    f"{path} lacks the column(s) {', '.join(missing)}: its header is "
+                    f"{','.join(reader.fieldnames)}, expected {','.join(COLUMNS)}"
+                )
+            records = [_record(row, reader.line_num, name, root) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not a UTF-8 text file: {exc}") from exc
+    except csv.Error as exc:
+        raise InvalidInputError(f"{path} is not a valid CSV file: {exc}") from exc
+    if not records:
+        raise InvalidInputError(f"{path} has a header but no rows; add one row per clip")
+    return records
+
+
+def _record(row: dict[str | None, Any], line: int, name: str, root: Path) -> ClipRecord:
+    where = f"{name} line {line}"
+    if row.get(None):
+        raise InvalidInputError(f"{where} has more fields than the header")
+    values = {}
+    for column in COLUMNS:
+        value = row.get(column)
+        if value is None or not value.strip():
+            raise InvalidInputError(f"{where} has no value in column {column!r}")
+        values[column] = value.strip()
+    try:
+        label = int(values["label"])
+    except ValueError:
+        label = -1
+    if label < 0:
+        raise InvalidInputError(
+            f"{where}: label {values['label']!r} is not an integer >= 0 (class index)"
+        )
+    return ClipRecord(
+        line=line,
+        clip=_existing_file(root, values["clip"], "clip", where),
+        mask=_existing_file(root, values["mask"], "mask", where),
+        label=label,
+    )
+
+
+def _existing_file(root: Path, value: str, what: str, where: str) -> Path:
+    if PurePath(value).is_absolute():
+        raise InvalidInputError(f"{where}: {what} path {value!r} must be relative to {root}")
+    path = root / value
+    if not path.is_file():
+        raise InvalidInputError(f"{where}: {what} file {path} not found")
+    suffix = path.suffix.lower()
+    allowed = TENSOR_SUFFIXES + (VIDEO_SUFFIXES if what == "clip" else ())
+    if suffix not in allowed:
+        raise InvalidInputError(
+            f"{where}: {what} file {path} has an unsupported extension; use one of "
+            f"{', '.join(allowed)}"
+        )
+    if suffix in VIDEO_SUFFIXES and importlib.util.find_spec("av") is None:
+        raise InvalidInputError(
+            f"{where}: clip file {path} is a video; decoding it needs the 'av' package (PyAV), "
+            "which is not installed: pip install av, or store the clip as .npy (C, T, H, W)"
+        )
+    return path
+
+
+def _load(path: Path, what: str, where: str) -> Tensor:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in VIDEO_SUFFIXES:
+            return _read_video(path)
+        if suffix == ".npy":
+            data: Any = np.load(path, allow_pickle=False)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure names the file
+        raise InvalidInputError(f"{where}: cannot read {what} file {path}: {exc}") from exc
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "biuf":
+            raise InvalidInputError(
+                f"{where}: {what} file {path} holds an array of dtype {data.dtype}, expected "
+                "numbers or bools"
+            )
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("=")))
+    if isinstance(data, Tensor):
+        return data
+    raise InvalidInputError(
+        f"{where}: {what} file {path} holds a {type(data).__name__}, expected one array/tensor"
+    )
+
+
+def _read_video(path: Path) -> Tensor:
+    """Decode a video with PyAV to a float clip (3, T, H, W) in [0, 1]."""
+    import av  # optional dependency, checked when the folder is opened
+
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError("the video has no frames")
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 255.0
+
+
+def check_clip(clip: Any, path: Path | str, where: str) -> Tensor:
+    """A finite floating-point clip (C, T, H, W) as float32, or :class:`InvalidInputError`."""
+    clip = torch.as_tensor(clip) if isinstance(clip, np.ndarray) else clip
+    if not isinstance(clip, Tensor):
+        raise InvalidInputError(f"{where}: clip {path} is a {type(clip).__name__}, not a tensor")
+    if clip.dim() != 4:
+        raise InvalidInputError(
+            f"{where}: clip {path} has shape {tuple(clip.shape)}, expected (C, T, H, W)"
+        )
+    if not clip.is_floating_point():
+        raise InvalidInputError(
+            f"{where}: clip {path} has dtype {clip.dtype}; clips must be floating point "
+            "(convert uint8 frames with x / 255)"
+        )
+    clip = clip.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(clip).all():
+        raise InvalidInputError(f"{where}: clip {path} contains NaN or inf values")
+    return clip
+
+
+def check_mask(mask: Any, path: Path | str, where: str) -> Tensor:
+    """A bool mask (T, H, W) from bool or 0/1 integers, or :class:`InvalidInputError`."""
+    mask = torch.as_tensor(mask) if isinstance(mask, np.ndarray) else mask
+    if not isinstance(mask, Tensor):
+        raise InvalidInputError(f"{where}: mask {path} is a {type(mask).__name__}, not a tensor")
+    if mask.dim() != 3:
+        raise InvalidInputError(
+            f"{where}: mask {path} has shape {tuple(mask.shape)}, expected (T, H, W)"
+        )
+    mask = mask.detach().cpu()
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        raise InvalidInputError(
+            f"{where}: mask {path} has dtype {mask.dtype}; masks must be bool or integer 0/1"
+        )
+    if mask.numel() and not ((mask == 0) | (mask == 1)).all():
+        bad = sorted({int(v) for v in mask.unique().tolist()} - {0, 1})[:5]
+        raise InvalidInputError(
+            f"{where}: mask {path} holds values {bad} besides 0 and 1; masks must be binary"
+        )
+    return mask.bool()
+
+
+def write_clip_folder(
+    root: str | os.PathLike[str],
+    clips: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
+    masks: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
+    labels: Tensor | np.ndarray | Sequence[int],
+    *,
+    fmt: str = "npy",
+    labels_file: str = "labels.csv",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``root/clips/*.{fmt}``, ``root/masks/*.{fmt}`` and ``root/labels.csv``.
+
+    Everything is checked before the first file is written; each file is written to a
+    temporary file and renamed (atomic on one filesystem), the CSV last, so a folder with
+    a CSV is complete. Refuses to replace an existing CSV unless ``overwrite``.
+    """
+    if fmt not in ("npy", "pt"):
+        raise InvalidInputError(f"fmt must be 'npy' or 'pt', got {fmt!r}")
+    root = Path(root)
+    csv_path = root / labels_file
+    if csv_path.exists() and not overwrite:
+        raise InvalidInputError(f"{csv_path} already exists; pass overwrite=True to replace it")
+    clip_list, mask_list = list(clips), list(masks)
+    label_list = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+    for i, label in enumerate(label_list):
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise InvalidInputError(f"item {i}: label {label!r} is not an integer >= 0")
+    if not (len(clip_list) == len(mask_list) == len(label_list)) or not clip_list:
+        raise InvalidInputError(
+            f"clips, masks and labels must have the same non-zero length, got "
+            f"{len(clip_list)}, {len(mask_list)}, {len(label_list)}"
+        )
+    checked = []
+    for i, (clip, mask) in enumerate(zip(clip_list, mask_list, strict=True)):
+        where = f"item {i}"
+        clip_t = check_clip(clip, f"clips[{i}]", where)
+        mask_t = check_mask(mask, f"masks[{i}]", where)
+        if tuple(mask_t.shape) != tuple(clip_t.shape[1:]):
+            raise InvalidInputError(
+                f"item {i}: mask shape {tuple(mask_t.shape)} does not match clip shape "
+                f"{tuple(clip_t.shape)}"
+            )
+        checked.append((clip_t, mask_t))
+    rows = []
+    for i, (clip_t, mask_t) in enumerate(checked):
+        clip_rel, mask_rel = f"clips/{i:06d}.{fmt}", f"masks/{i:06d}.{fmt}"
+        _atomic_write(root / clip_rel, _saver(clip_t, fmt))
+        _atomic_write(root / mask_rel, _saver(mask_t, fmt))
+        rows.append((clip_rel, mask_rel, label_list[i]))
+
+    def write_csv(handle: IO[bytes]) -> None:
+        lines = [",".join(COLUMNS)] + [f"{c},{m},{y}" for c, m, y in rows]
+        handle.write(("\n".join(lines) + "\n").encode("utf-8"))
+
+    _atomic_write(csv_path, write_csv)
+    return root
+
+
+def _saver(tensor: Tensor, fmt: str) -> Callable[[IO[bytes]], None]:
+    def save(handle: IO[bytes]) -> None:
+        if fmt == "npy":
+            np.save(handle, tensor.numpy(), allow_pickle=False)
+        else:
+            torch.save(tensor.contiguous().clone(), handle)
+
+    return save
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,204 @@
+r"""Poisson sampling: the batches the privacy accounting assumes.
+
+The accountant (:mod:`accounting.rdp`, :mod:`accounting.prv`) charges each step as the
+*Poisson-subsampled* Gaussian mechanism: every record joins the batch independently with
+probability :math:`q`, so batch sizes vary (Binomial(N, q); sometimes zero) and the batch
+composition is hidden by the sampling randomness. **Shuffled fixed-size batches are not
+Poisson**: their privacy amplification is different (sampling without replacement, and a
+shuffled epoch visits every record exactly once), so reporting Poisson accounting for them
+is wrong. :func:`maskdp.privacy.make_private` therefore always replaces the loader's sampler
+with this one, whatever the user's loader did.
+
+The sampler is Opacus's ``UniformWithReplacementSampler`` (one Bernoulli(q) draw per
+record per step from ``generator``); the collate wrapper here returns zero-length batches
+for an empty sample, shaped like a real batch: ``(0, C, T, H, W)``, ``(0, T, H, W)``,
+``(0,)`` for ``(x, m, y)`` records. Unlike Opacus's ``DPDataLoader`` wrapper it keeps no
+copy of a real batch (the template is built once from ``dataset[0]`` and holds zero
+elements), and an empty first batch has the right dtypes and shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.collate import default_collate
+
+from maskdp.errors import InvalidInputError
+
+_REFUSED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+
+
+def _empty_like_batch(batch: Any) -> Any:
+    """The same structure with every tensor's batch dimension set to zero."""
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            raise InvalidInputError("collate_fn returned a 0-d tensor: no batch dimension")
+        return batch.new_empty((0, *batch.shape[1:]))
+    if isinstance(batch, Mapping):
+        return {k: _empty_like_batch(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_empty_like_batch(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_empty_like_batch(v) for v in batch)
+    raise InvalidInputError(
+        f"collate_fn returned a {type(batch).__name__}; an empty Poisson batch can only be "
+        "built for tensors, dicts, lists and tuples of tensors"
+    )
+
+
+class EmptyBatchCollate:
+    """Wrap ``collate_fn`` so that an empty list of records gives a zero-length batch.
+
+    The template is the collated ``dataset[0]`` with batch dimension 0 (built once, holds no
+    data). Non-empty batches go to ``collate_fn`` unchanged.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset) -> None:
+        self.collate_fn = collate_fn
+        self.template = _empty_like_batch(collate_fn([dataset[0]]))
+
+    def __call__(self, batch: list[Any]) -> Any:
+        if len(batch) > 0:
+            return self.collate_fn(batch)
+        return _empty_like_batch(self.template)
+
+
+def _check_dataset(dataset: Any) -> int:
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise InvalidInputError(
+            "Poisson sampling needs a map-style dataset with __len__ (not an IterableDataset)"
+        )
+    n = len(dataset)
+    if n < 1:
+        raise InvalidInputError("Poisson sampling needs a non-empty dataset")
+    return n
+
+
+class PoissonDataLoader(DataLoader):
+    r"""A DataLoader whose every batch is a Poisson sample at rate ``sample_rate``.
+
+    One pass yields ``steps`` batches (default :math:`\lceil 1/q \rceil`, about one epoch);
+    each record is in each batch independently with probability ``q``. ``generator`` seeds
+    the sampling (and the workers' base seed). Other keyword arguments go to
+    :class:`~torch.utils.data.DataLoader`, except those that define batches
+    (``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        sample_rate: float,
+        steps: int | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        n = _check_dataset(dataset)
+        if (
+            isinstance(sample_rate, bool)
+            or not isinstance(sample_rate, (int, float))
+            or not (0.0 < sample_rate <= 1.0)
+        ):
+            raise InvalidInputError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+        if steps is None:
+            steps = math.ceil(1.0 / sample_rate)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidInputError(f"steps must be an int >= 1, got {steps!r}")
+        refused = [k for k in _REFUSED if k in kwargs]
+        if refused:
+            raise InvalidInputError(
+                f"PoissonDataLoader draws its own batches; do not pass {', '.join(refused)}"
+            )
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
+            raise InvalidInputError(
+                f"generator must be a CPU torch.Generator or None (it drives the sampler), "
+                f"got {getattr(generator, 'device', type(generator).__name__)}"
+            )
+        if isinstance(collate_fn, EmptyBatchCollate):
+            collate_fn = collate_fn.collate_fn
+        sampler = UniformWithReplacementSampler(
+            num_samples=n, sample_rate=float(sample_rate), generator=generator, steps=steps
+        )
+        super().__init__(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=EmptyBatchCollate(collate_fn or default_collate, dataset),
+            generator=generator,
+            **kwargs,
+        )
+        self.sample_rate = float(sample_rate)
+        self.expected_batch_size = self.sample_rate * n
+
+    @classmethod
+    def from_data_loader(
+        cls,
+        data_loader: DataLoader,
+        *,
+        sample_rate: float | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PoissonDataLoader:
+        """A Poisson loader over ``data_loader``'s dataset, keeping its other settings.
+
+        Defaults: ``sample_rate = batch_size / len(dataset)`` (so the expected batch size is
+        the loader's ``batch_size``; capped at 1), ``steps = len(data_loader)`` (an epoch
+        has as many steps as before), ``generator`` the loader's.
+        """
+        if not isinstance(data_loader, DataLoader):
+            raise InvalidInputError(
+                f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
+            )
+        n = _check_dataset(data_loader.dataset)
+        if sample_rate is None:
+            if isinstance(data_loader, PoissonDataLoader):
+                sample_rate = data_loader.sample_rate
+            elif data_loader.batch_size is None:
+                raise InvalidInputError(
+                    "data_loader has no batch_size (it uses a batch_sampler); pass sample_rate="
+                )
+            else:
+                sample_rate = min(1.0, data_loader.batch_size / n)
+        return cls(
+            data_loader.dataset,
+            sample_rate=sample_rate,
+            steps=len(data_loader) if steps is None else steps,
+            collate_fn=data_loader.collate_fn,
+            generator=generator if generator is not None else data_loader.generator,
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+            timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn,
+            multiprocessing_context=data_loader.multiprocessing_context,
+            prefetch_factor=data_loader.prefetch_factor,
+            persistent_workers=data_loader.persistent_workers,
+        )
+
+
+def poisson_loader(
+    dataset: Dataset | Sequence[Any],
+    *,
+    batch_size: int,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> PoissonDataLoader:
+    """A :class:`PoissonDataLoader` with expected batch size ``batch_size`` (q = B / N)."""
+    n = _check_dataset(dataset)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return PoissonDataLoader(
+        dataset,  # type: ignore[arg-type]
+        sample_rate=min(1.0, batch_size / n),
+        steps=steps,
+        generator=generator,
+        **kwargs,
+    )

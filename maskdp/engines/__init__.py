@@ -1,0 +1,1 @@
+"""Engines computing the masked gradient: reference (oracle), vmap, hooks, ghost."""

@@ -1,0 +1,194 @@
+r"""Engine contract: what every engine computes, and the registry that resolves ``"auto"``.
+
+For a batch of records with full pass :math:`g_i = \nabla \ell(f(x_i), y_i)` and public pass
+:math:`h_i = \nabla \ell(f(\pi(r_i)), y_i)`, an engine returns (DESIGN.md section 3)
+
+- ``public``  = :math:`\sum_i h_i` (zero when labels are protected),
+- ``private`` = :math:`\sum_i c_i \Delta_i` with :math:`\Delta_i = g_i - h_i` and
+  :math:`c_i = \min(1, C / \lVert\Delta_i\rVert)`,
+- ``norms``   = :math:`\lVert\Delta_i\rVert` over all trainable parameters,
+- ``clip_factors`` = :math:`c_i`.
+
+With ``protect_labels`` there is no public pass: :math:`\Delta_i = g_i` (plain DP-SGD).
+Engines are deterministic and add no noise; they never touch ``param.grad`` nor the user's
+module names or state_dict keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from maskdp.errors import InvalidInputError, UnsupportedModelError
+from maskdp.views import ModelInput
+
+PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MaskedBatch:
+    """The two passes of one batch. ``public`` is None when labels are protected."""
+
+    full: ModelInput
+    public: ModelInput | None
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return len(self.full)
+
+    @property
+    def protect_labels(self) -> bool:
+        return self.public is None
+
+
+@dataclass(frozen=True)
+class MaskedGradient:
+    """Result of one masked-gradient computation (sums over the batch, no noise).
+
+    ``public`` and ``private`` map parameter names (as in ``model.named_parameters()``,
+    trainable ones only) to tensors of the parameter's shape.
+    """
+
+    public: dict[str, Tensor]
+    private: dict[str, Tensor]
+    norms: Tensor
+    clip_factors: Tensor
+    loss: Tensor
+
+    def total(self) -> dict[str, Tensor]:
+        """The clipped sum :math:`\\sum_i h_i + \\sum_i c_i \\Delta_i` per parameter."""
+        return {name: self.public[name] + self.private[name] for name in self.private}
+
+
+def per_sample_loss(loss_fn: nn.Module | PerSampleLoss) -> PerSampleLoss:
+    """A loss returning one value per sample.
+
+    A module with a ``reduction`` attribute (``nn.CrossEntropyLoss`` and friends) is copied
+    with ``reduction="none"``: the mechanism sums per-sample losses and divides by the
+    expected batch size, whatever reduction the user chose. Any other callable must already
+    return a tensor of shape (N,).
+    """
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        per_sample = copy.copy(loss_fn)
+        per_sample.reduction = "none"
+        return per_sample
+    if callable(loss_fn):
+        return _checked(loss_fn)
+    raise InvalidInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
+def _checked(loss_fn: PerSampleLoss) -> PerSampleLoss:
+    def loss(outputs: Tensor, targets: Tensor) -> Tensor:
+        value = loss_fn(outputs, targets)
+        if not isinstance(value, Tensor) or value.shape != (outputs.shape[0],):
+            raise InvalidInputError(
+                "loss_fn must return one loss per sample, shape "
+                f"({outputs.shape[0]},), got {getattr(value, 'shape', type(value).__name__)}; "
+                "pass an nn.Module loss with a `reduction` attribute or a per-sample callable"
+            )
+        return value
+
+    return loss
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, as ``model.named_parameters()`` lists them."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
+    r""":math:`c_i = \min(1, C / \lVert\Delta_i\rVert)`, with :math:`c_i = 1` for a zero norm."""
+    return (max_grad_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def empty_result(model: nn.Module, device: torch.device | None = None) -> MaskedGradient:
+    """Zeros for an empty batch (noise is still added by the optimizer)."""
+    params = trainable_parameters(model)
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    dev = device or next(iter(params.values())).device
+    return MaskedGradient(
+        public=zeros,
+        private={n: z.clone() for n, z in zeros.items()},
+        norms=torch.zeros(0, device=dev),
+        clip_factors=torch.zeros(0, device=dev),
+        loss=torch.zeros((), device=dev),
+    )
+
+
+class Engine(ABC):
+    """Computes a :class:`MaskedGradient` for one model.
+
+    An engine is built once per model (it may register hooks, which :meth:`close` removes)
+    and is called once per batch.
+    """
+
+    name: ClassVar[str]
+    #: Preference order for ``"auto"``: lower is tried first.
+    priority: ClassVar[int] = 100
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | PerSampleLoss) -> None:
+        self.check_support(model)
+        self.model = model
+        self.loss_fn = per_sample_loss(loss_fn)
+
+    @classmethod
+    def check_support(cls, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` naming the module this engine cannot handle."""
+
+    @abstractmethod
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
+        """Public sum, clipped private sum, norms and clip factors of ``batch``."""
+
+    def close(self) -> None:
+        """Release hooks or buffers held on the model."""
+
+
+ENGINES: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    """Class decorator adding an engine to :data:`ENGINES` under ``cls.name``."""
+    ENGINES[cls.name] = cls
+    return cls
+
+
+def _load_builtin_engines() -> None:
+    # Importing the modules registers the engines; hooks imports opacus lazily itself.
+    from maskdp.engines import ghost, hooks, reference, vmap  # noqa: F401
+
+
+def engine_names() -> list[str]:
+    _load_builtin_engines()
+    return ["auto", *sorted(ENGINES)]
+
+
+def resolve_engine(name: str, model: nn.Module) -> type[Engine]:
+    """The engine class for ``name``; ``"auto"`` picks the preferred engine that supports it.
+
+    The one place where an engine name is interpreted.
+    """
+    _load_builtin_engines()
+    if name != "auto":
+        if name not in ENGINES:
+            raise InvalidInputError(
+                f"unknown engine {name!r}; choose one of {', '.join(engine_names())}"
+            )
+        ENGINES[name].check_support(model)
+        return ENGINES[name]
+    reasons = []
+    for cls in sorted(ENGINES.values(), key=lambda c: c.priority):
+        if cls.name == "reference":
+            continue
+        try:
+            cls.check_support(model)
+        except UnsupportedModelError as err:
+            reasons.append(f"{cls.name}: {err}")
+            continue
+        return cls
+    raise UnsupportedModelError("no engine supports this model: " + "; ".join(reasons))

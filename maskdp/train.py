@@ -1,0 +1,350 @@
+"""The ``maskdp train`` main job: build, train, checkpoint, resume and evaluate one run.
+
+A run directory holds ``config.json`` (the validated :class:`TrainConfig`),
+``checkpoint.pt`` (model, optimizer with its privacy ledger, step) and ``metrics.json``
+(``epsilon``, ``delta``, ``steps``, ``accuracy``, ...). Every file is written atomically,
+so a crash at any moment leaves the previous complete version.
+
+Poisson sampling is indexed by step: the batch of step ``s`` is drawn from a generator
+seeded by ``(seed, s)``, so a resumed run samples exactly the batches an uninterrupted run
+would have, without saving sampler state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from maskdp.errors import InvalidInputError
+from maskdp.io import atomic_torch_save, atomic_write_json
+from maskdp.train_config import TrainConfig
+
+CONFIG, CHECKPOINT, METRICS = "config.json", "checkpoint.pt", "metrics.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Derived schedule of a run: sampling rate, step counts and noise."""
+
+    sample_rate: float
+    public_steps: int
+    private_steps: int
+    noise_multiplier: float
+
+    @property
+    def total_steps(self) -> int:
+        return self.public_steps + self.private_steps
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    """A fresh directory ``root/run-YYYYmmdd-HHMMSS[-k]``."""
+    base = Path(root) / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        path, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return path
+
+
+def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    """Train set, test set and number of classes."""
+    if config.dataset == "synthetic":
+        from maskdp.data import SyntheticPrivateActions
+
+        train, test = SyntheticPrivateActions.train_test(
+            train_size=config.train_size,
+            test_size=config.test_size,
+            scenario=config.scenario,
+            frames=config.frames,
+            image_size=config.image_size,
+            seed=config.seed,
+        )
+        return train, test, train.num_classes
+    from maskdp.data import ClipFolder
+
+    root = Path(config.dataset)
+    train, test = ClipFolder(root / "train"), ClipFolder(root / "test")
+    return train, test, int(max(train.num_classes, test.num_classes))
+
+
+def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    from maskdp.models import SmallVideoCNN, VideoViT
+
+    if config.model == "vit":
+        return VideoViT(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            frames=config.frames,
+            image_size=config.image_size,
+        )
+    return SmallVideoCNN(num_classes=num_classes, in_channels=in_channels)
+
+
+def build_view(config: TrainConfig, model: nn.Module):
+    from maskdp.views import DropView, FillView, RandomFillView
+
+    if config.view == "fill":
+        return FillView(0.5)
+    if config.view == "random":
+        return RandomFillView(0.0, 1.0, seed=config.seed)
+    return DropView.for_model(model, fill=0.5)
+
+
+def make_plan(config: TrainConfig, dataset_size: int) -> Plan:
+    """Sampling rate, steps and (calibrated) noise multiplier of a run."""
+    if config.batch_size > dataset_size:
+        raise InvalidInputError(
+            f"batch_size {config.batch_size} exceeds the dataset size {dataset_size}"
+        )
+    q = config.batch_size / dataset_size
+    private_steps = max(1, math.ceil(config.epochs / q))
+    public_steps = math.ceil(config.public_epochs / q) if config.mode == "maskdp" else 0
+    if config.mode == "nonprivate":
+        return Plan(q, public_steps, private_steps, 0.0)
+    if config.noise_multiplier is not None:
+        return Plan(q, public_steps, private_steps, config.noise_multiplier)
+    from accounting.calibration import calibrate_noise
+
+    sigma = calibrate_noise(
+        config.target_epsilon,
+        config.delta,
+        sample_rate=q,
+        steps=private_steps,
+        accountant=config.accountant,
+    )
+    return Plan(q, public_steps, private_steps, sigma)
+
+
+def poisson_indices(size: int, sample_rate: float, *, seed: int, step: int) -> Tensor:
+    """Indices of step ``step``'s Poisson batch: each record independently with prob. q."""
+    generator = torch.Generator().manual_seed((seed << 32) + step)
+    return (torch.rand(size, generator=generator) < sample_rate).nonzero().flatten()
+
+
+def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack the records at ``indices`` (an empty batch keeps the record shapes)."""
+    if len(indices):
+        return default_collate([dataset[int(i)] for i in indices])
+    x, m, y = dataset[0]
+    return x.new_zeros((0, *x.shape)), m.new_zeros((0, *m.shape)), torch.zeros(0, dtype=y.dtype)
+
+
+def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128) -> float:
+    """Top-1 action accuracy on full clips."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(dataset)))
+            x, _, y = collate(dataset, idx)
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train()
+    return correct / max(1, len(dataset))
+
+
+class Run:
+    """One training run bound to a run directory."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        torch.manual_seed(config.seed)
+        self.train_set, self.test_set, num_classes = build_datasets(config)
+        self.model = build_model(config, num_classes)
+        self.plan = make_plan(config, len(self.train_set))
+        self.inner = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.view = build_view(config, self.model)
+        self.optimizer = self._private_optimizer() if config.mode != "nonprivate" else None
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    def _private_optimizer(self):
+        from maskdp.optimizer import MaskDPOptimizer
+
+        config = self.config
+        return MaskDPOptimizer(
+            self.inner,
+            model=self.model,
+            loss_fn=nn.CrossEntropyLoss(),
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            expected_batch_size=config.batch_size,
+            sample_rate=self.plan.sample_rate,
+            view=self.view,
+            engine=config.engine,
+            protect_labels=config.mode == "dpsgd",
+            noise_generator=torch.Generator().manual_seed(config.seed + 1),
+        )
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self) -> None:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "inner_optimizer": self.inner.state_dict(),
+            "history": self.history,
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if hasattr(self.view, "state_dict"):
+            state["view"] = self.view.state_dict()
+        atomic_torch_save(state, self.run_dir / CHECKPOINT)
+
+    def load(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise InvalidInputError(f"no checkpoint to resume in {self.run_dir}") from None
+        except Exception as err:  # a torn or foreign file: refuse, never guess
+            raise InvalidInputError(f"checkpoint {path} cannot be read: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidInputError(f"checkpoint {path} has an unknown format")
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.inner.load_state_dict(state["inner_optimizer"])
+        if "view" in state:
+            self.view.load_state_dict(state["view"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+    # -- training ------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        if self.optimizer is None:
+            return math.inf
+        return float(self.optimizer.epsilon(self.config.delta))
+
+    def _batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        idx = poisson_indices(
+            len(self.train_set), self.plan.sample_rate, seed=self.config.seed, step=step
+        )
+        x, m, y = collate(self.train_set, idx)
+        if self.config.mode == "dpsgd":
+            m = torch.ones_like(m)
+        return x, m, y
+
+    def _public_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
+        """Warm-up on public views only: no sensitive content, no privacy cost."""
+        self.inner.zero_grad()
+        if len(y) == 0:
+            return 0.0
+        public = self.view.public(x, m)
+        loss = nn.functional.cross_entropy(public(self.model), y, reduction="sum")
+        (loss / self.config.batch_size).backward()
+        self.inner.step()
+        return float(loss) / len(y)
+
+    def _private_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
+        if self.optimizer is None:
+            self.inner.zero_grad()
+            if len(y) == 0:
+                return 0.0
+            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+            (loss / self.config.batch_size).backward()
+            self.inner.step()
+            return float(loss) / len(y)
+        self.optimizer.zero_grad()
+        loss = self.optimizer.backward(x, m, y)
+        self.optimizer.step()
+        return float(loss)
+
+    def steps(self) -> Iterator[tuple[int, float]]:
+        """Run the remaining steps, yielding (step, loss); checkpoints every ``every`` steps."""
+        every = max(1, round(1 / self.plan.sample_rate))
+        while self.step < self.plan.total_steps:
+            x, m, y = self._batch(self.step)
+            public = self.step < self.plan.public_steps
+            loss = self._public_step(x, m, y) if public else self._private_step(x, m, y)
+            self.step += 1
+            if self.step % every == 0 or self.step == self.plan.total_steps:
+                self.save()
+            yield self.step, loss
+
+    def metrics(self, seconds: float | None = None) -> dict[str, Any]:
+        epsilon = self.epsilon()
+        metrics: dict[str, Any] = {
+            "mode": self.config.mode,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "delta": self.config.delta if self.optimizer is not None else None,
+            "steps": self.step,
+            "private_steps": max(0, self.step - self.plan.public_steps),
+            "noise_multiplier": self.plan.noise_multiplier,
+            "sample_rate": self.plan.sample_rate,
+            "accuracy": evaluate_model(self.model, self.test_set),
+        }
+        if seconds is not None:
+            metrics["train_seconds"] = round(seconds, 2)
+        return metrics
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, int, float, Run], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run and return its metrics (also written to ``metrics.json``).
+
+    With ``resume`` the run directory's config must equal ``config`` and training continues
+    from its checkpoint with the same ledger.
+    """
+    path = Path(run_dir) if run_dir is not None else new_run_dir()
+    if resume:
+        stored = read_config(path)
+        if stored != config:
+            raise InvalidInputError(
+                f"--resume: the options differ from {path / CONFIG}; resume with the same options"
+            )
+    elif (path / CONFIG).exists() or (path / CHECKPOINT).exists():
+        raise InvalidInputError(
+            f"run directory {path} already holds a run; use --resume or another --run-dir"
+        )
+    run = Run(config, path)
+    if resume and (path / CHECKPOINT).exists():
+        run.load()
+    else:
+        atomic_write_json(path / CONFIG, config.to_dict())
+    start = time.perf_counter()
+    for step, loss in run.steps():
+        if on_step is not None:
+            on_step(step, run.plan.total_steps, loss, run)
+    metrics = {**run.metrics(time.perf_counter() - start), "run_dir": str(path)}
+    atomic_write_json(path / METRICS, metrics)
+    return metrics
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    """The validated config stored in a run directory."""
+    from maskdp.train_config import build_config, load_config_file
+
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise InvalidInputError(f"{run_dir} is not a run directory: {CONFIG} is missing")
+    return build_config(**load_config_file(path))
+
+
+def evaluate(run_dir: str | Path) -> dict[str, Any]:
+    """Accuracy and privacy spent of the checkpoint in ``run_dir``."""
+    config = read_config(run_dir)
+    run = Run(config, Path(run_dir))
+    run.load()
+    return {**run.metrics(), "run_dir": str(run_dir)}
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    return asdict(plan)

@@ -1,0 +1,185 @@
+"""PRV accounting against the exact Gaussian curve and dp_accounting's PLD accountant."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from exact_gaussian import exact_gaussian_delta, exact_gaussian_epsilon
+
+from accounting.errors import AccountingError, InvalidParameterError
+from accounting.events import PoissonGaussianEvent
+from accounting.prv import PRVResult, curve_for, prv_delta, prv_epsilon
+from accounting.rdp import rdp_of_events
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_sandwiches_the_exact_gaussian(sigma):
+    delta = 1e-5
+    exact = exact_gaussian_epsilon(sigma, delta)
+    res = prv_epsilon([PoissonGaussianEvent(1.0, sigma, 1)], delta)
+    assert res.epsilon_lower <= exact <= res.epsilon_upper
+    # 2 eps_error plus the effect of delta_error on each side
+    assert res.epsilon_upper - res.epsilon_lower <= 2 * 0.01 + 0.005
+    assert abs(res.epsilon_estimate - exact) < 1e-3
+    # RDP (both conversions) is above the truth and above the PRV lower bound.
+    from accounting.conversions import epsilon_from_events
+
+    for conversion in ("hypothesis-test", "classic"):
+        assert (
+            epsilon_from_events(
+                [PoissonGaussianEvent(1.0, sigma, 1)], delta, conversion=conversion
+            ).epsilon
+            >= exact
+        )
+
+
+def test_composition_of_gaussians_is_a_gaussian():
+    """k steps of sigma = one step of sigma / sqrt(k) (q = 1)."""
+    k, sigma = 16, 4.0
+    exact = exact_gaussian_epsilon(sigma / math.sqrt(k), 1e-6)
+    res = prv_epsilon([PoissonGaussianEvent(1.0, sigma, k)], 1e-6)
+    assert res.epsilon_lower <= exact <= res.epsilon_upper
+
+
+def test_delta_sandwich_and_round_trip():
+    sigma = 1.0
+    lower, estimate, upper = prv_delta([PoissonGaussianEvent(1.0, sigma, 1)], 2.0)
+    exact = exact_gaussian_delta(sigma, 2.0)
+    assert lower <= exact <= upper and lower <= estimate <= upper
+    res = prv_epsilon([PoissonGaussianEvent(1.0, sigma, 1)], exact)
+    assert res.epsilon_lower <= 2.0 <= res.epsilon_upper
+
+
+def test_upper_deltas_match_scalar_queries():
+    curve = curve_for([PoissonGaussianEvent(0.04, 1.5, 300)], eps_error=0.01, delta_error=1e-12)
+    eps = np.array([0.0, 0.3, 1.0, 2.5, 4.0])
+    np.testing.assert_allclose(
+        curve.upper_deltas(eps), [curve.delta(float(e))[2] for e in eps], rtol=1e-9, atol=1e-15
+    )
+
+
+def _pld_epsilons(segments, delta, interval=1e-4):
+    """dp_accounting PLD: (optimistic, pessimistic) epsilon; the true value lies between."""
+    pld = pytest.importorskip("dp_accounting.pld.privacy_loss_distribution")
+    out = []
+    for pessimistic in (False, True):
+        total = None
+        for q, sigma, n in segments:
+            one = pld.from_gaussian_mechanism(
+                standard_deviation=sigma,
+                sampling_prob=q,
+                pessimistic_estimate=pessimistic,
+                value_discretization_interval=interval,
+                use_connect_dots=pessimistic,  # the optimistic rounding needs privacy buckets
+            ).self_compose(n)
+            total = one if total is None else total.compose(one)
+        out.append(total.get_epsilon_for_delta(delta))
+    return out
+
+
+def _check_against_pld(segments, delta):
+    optimistic, pessimistic = _pld_epsilons(segments, delta)
+    events = [PoissonGaussianEvent(q, s, n) for q, s, n in segments]
+    res = prv_epsilon(events, delta)
+    slack = 1e-6  # PLD's own rounding of the epsilon search
+    assert res.epsilon_lower <= pessimistic + slack
+    assert res.epsilon_upper >= optimistic - slack
+    # and close: within 1% of the PLD value plus PRV's own error bar
+    # (the upper bound is the estimate + eps_error 0.01, + the effect of delta_error)
+    assert res.epsilon_upper <= 1.01 * pessimistic + 0.012
+    # connect-the-dots PLD is nearly exact: the PRV estimate agrees with it closely
+    assert abs(res.epsilon_estimate - pessimistic) <= 0.005 * pessimistic + 0.002
+    # PRV is never looser than RDP's guarantee by more than its error bar
+    from accounting.conversions import rdp_to_epsilon
+    from accounting.rdp import DEFAULT_ORDERS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rdp_eps = rdp_to_epsilon(DEFAULT_ORDERS, rdp_of_events(events), delta).epsilon
+    assert res.epsilon_lower <= rdp_eps
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [(0.01, 1.0, 1000)],
+        [(0.2, 2.0, 50)],
+        [(0.001, 0.8, 3000)],
+        [(0.02, 1.2, 200), (0.05, 2.5, 100)],  # heterogeneous composition
+    ],
+)
+def test_against_dp_accounting_pld(segments):
+    _check_against_pld(segments, 1e-5)
+
+
+@pytest.mark.slow
+def test_against_dp_accounting_pld_random_grid():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        q = float(10 ** rng.uniform(-3, 0))
+        sigma = float(10 ** rng.uniform(np.log10(0.6), 1))
+        n = int(10 ** rng.uniform(0, 3))
+        delta = float(10 ** rng.uniform(-8, -3))
+        _check_against_pld([(q, sigma, n)], delta)
+
+
+def test_segments_with_equal_parameters_merge():
+    a = prv_epsilon(
+        [PoissonGaussianEvent(0.01, 1.0, 100), PoissonGaussianEvent(0.01, 1.0, 50)], 1e-5
+    )
+    b = prv_epsilon([PoissonGaussianEvent(0.01, 1.0, 150)], 1e-5)
+    assert a == b
+
+
+def test_clamped_at_zero_for_tiny_privacy_loss():
+    res = prv_epsilon([PoissonGaussianEvent(1e-6, 1000.0, 1)], 1e-5)
+    assert res.epsilon_lower == 0.0 and res.epsilon_estimate >= 0.0 and res.epsilon_upper >= 0.0
+    assert res.epsilon_upper <= 0.011
+
+
+def test_delta_above_delta_at_zero_gives_zero():
+    # one Gaussian step, sigma = 1: delta(0) = 2 Phi(1/2) - 1 = 0.383
+    assert prv_epsilon([PoissonGaussianEvent(1.0, 1.0, 1)], 0.999).epsilon_upper == 0.0
+    assert prv_epsilon([PoissonGaussianEvent(1.0, 1.0, 1)], 0.39).epsilon_upper == 0.0
+    res = prv_epsilon([PoissonGaussianEvent(1.0, 1.0, 1)], 0.37)
+    assert res.epsilon_lower <= exact_gaussian_epsilon(1.0, 0.37) <= res.epsilon_upper
+
+
+def test_empty_events_and_to_dict():
+    res = prv_epsilon([], 1e-5)
+    assert res == PRVResult(0.0, 0.0, 0.0, 1e-5)
+    assert res.to_dict() == {
+        "epsilon_lower": 0.0,
+        "epsilon_estimate": 0.0,
+        "epsilon_upper": 0.0,
+        "delta": 1e-5,
+    }
+    assert prv_delta([], 1.0) == (0.0, 0.0, 0.0)
+
+
+def test_too_many_steps_is_a_clear_error_not_a_crash():
+    with pytest.raises(AccountingError, match="eps_error"):
+        prv_epsilon([PoissonGaussianEvent(0.01, 1.0, 10**9)], 1e-5)
+
+
+def test_prv_accountant_failures_become_accounting_errors():
+    # delta so small that floating point dominates: prv-accountant raises ValueError.
+    with pytest.raises(AccountingError, match="prv-accountant"):
+        prv_epsilon([PoissonGaussianEvent(0.04, 1.5, 100)], 1e-15)
+
+
+def test_bad_input_raises():
+    events = [PoissonGaussianEvent(0.01, 1.0, 10)]
+    for delta in (0.0, 1.0, float("nan")):
+        with pytest.raises(InvalidParameterError, match="delta"):
+            prv_epsilon(events, delta)
+    for eps_error in (0.0, -0.01, float("inf")):
+        with pytest.raises(InvalidParameterError, match="eps_error"):
+            prv_epsilon(events, 1e-5, eps_error=eps_error)
+    with pytest.raises(InvalidParameterError, match="delta_error"):
+        prv_epsilon(events, 1e-5, delta_error=1e-4)
+    with pytest.raises(InvalidParameterError, match="epsilon"):
+        prv_delta(events, -1.0)
