@@ -33,7 +33,7 @@ from accounting.conversions import CONVERSIONS, Conversion, _minimise
 from accounting.errors import CalibrationError
 from accounting.events import PoissonGaussianEvent
 from accounting.ledger import ACCOUNTANTS, Accountant, _rdp_substitute, account
-from accounting.prv import PRVCurve
+from accounting.prv import PRVCurve, default_eps_error
 from accounting.relations import Relation, parse_relation, substitute_epsilon
 
 SIGMA_MIN = 0.05
@@ -217,7 +217,7 @@ def calibrate_noise(
 
     Returns sigma with :math:`\varepsilon(\sigma) \le` ``target_epsilon`` and
     :math:`\varepsilon(\sigma/(1+\text{tolerance})) >` ``target_epsilon`` (safe side), where
-    epsilon is the accountant's guarantee (PRV: the upper bound at ``eps_error`` 0.01).
+    epsilon is the accountant's guarantee (PRV: the upper bound at the ledger's default precision).
     Raises CalibrationError when even ``SIGMA_MAX`` misses the target, or when ``SIGMA_MIN``
     already meets it (noise is then not what limits privacy).
     """
@@ -245,7 +245,7 @@ def calibrate_noise(
     if name == "rdp":
         return math.exp(x_rdp)
 
-    def g_prv(eps_error: float, estimate: bool, goal: float) -> Callable[[float], float]:
+    def g_prv(eps_error: float | None, estimate: bool, goal: float) -> Callable[[float], float]:
         def g(x: float) -> float:
             event = PoissonGaussianEvent(q, math.exp(x), n)
             result = account(
@@ -265,9 +265,11 @@ def calibrate_noise(
         at_limit=at_limit,
         **limits,
     )
+    # The final search uses the ledger's own default precision, so the answer is safe and
+    # tight for exactly the epsilon a ledger reports.
     return math.exp(
         _solve(
-            g_prv(PRV_EPS_ERROR, False, target),
+            g_prv(None, False, target),
             x_c,
             step=step,
             stride=step,
@@ -293,7 +295,7 @@ def max_steps(
     r"""Largest number of steps whose epsilon is at most the target.
 
     Returns n >= 1 with :math:`\varepsilon(n) \le` target and :math:`\varepsilon(n+1) >`
-    target (PRV: upper bounds at ``eps_error`` 0.01). Raises CalibrationError when one step
+    target (PRV: upper bounds at the ledger's default precision). Raises CalibrationError when one step
     already exceeds the target, or when more than ``STEPS_MAX`` steps meet it.
     """
     target, d, name, conv, rel = _check_common(
@@ -332,8 +334,9 @@ def max_steps(
             **limits,
         )
     )
+    precision = default_eps_error([PoissonGaussianEvent(q, sigma, max(1, n_c))], d)
     fine = _StepsCurve(
-        q, sigma, d, conv, rel, PRV_EPS_ERROR, estimate=False, capacity=int(n_c * 1.02) + 2
+        q, sigma, d, conv, rel, precision, estimate=False, capacity=int(n_c * 1.02) + 2
     )
     n = int(
         _solve(
@@ -347,7 +350,37 @@ def max_steps(
     )
     if n > STEPS_MAX:
         raise at_limit(True)
+
+    def ledger_epsilon(k: int) -> float:
+        event = PoissonGaussianEvent(q, sigma, k)
+        return account([event], d, accountant="prv", conversion=conv, relation=rel).epsilon_upper
+
+    # The ledger's precision depends (slightly) on the step count: settle on its answer.
+    n = _largest_within(ledger_epsilon, max(1, n), target)
+    if n == 0:
+        raise at_limit(False)
+    if n > STEPS_MAX:
+        raise at_limit(True)
     return n
+
+
+def _largest_within(epsilon_of: Callable[[int], float], start: int, target: float) -> int:
+    """Largest n >= 0 with ``epsilon_of(n) <= target`` (non-decreasing), searched from
+    ``start`` by doubling strides and bisection (0 when even one step exceeds it)."""
+    if epsilon_of(start) <= target:
+        good, stride = start, 1
+        while good + stride <= STEPS_MAX + 1 and epsilon_of(good + stride) <= target:
+            good, stride = good + stride, 2 * stride
+        bad = good + stride
+    else:
+        bad, stride = start, 1
+        while bad - stride >= 1 and epsilon_of(bad - stride) > target:
+            bad, stride = bad - stride, 2 * stride
+        good = max(bad - stride, 0)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if epsilon_of(mid) <= target else (good, mid)
+    return good
 
 
 class _StepsCurve:

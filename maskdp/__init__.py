@@ -37,6 +37,9 @@ _EXPORTS: dict[str, str] = {
     "make_private": "maskdp.privacy",
     "make_private_with_epsilon": "maskdp.privacy",
     "validate_model": "maskdp.validate",
+    # empirical audit (the function is `maskdp.audit.audit`: a top-level `audit` name
+    # would be shadowed by the submodule of the same name once it is imported)
+    "AuditResult": "maskdp.audit",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -34,3 +34,7 @@ def main() -> None:
     # An explicit setting by the user wins.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     sys.exit(run(app, prog_name="maskdp"))
+
+
+if __name__ == "__main__":
+    main()

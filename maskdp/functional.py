@@ -98,7 +98,7 @@ def masked_gradient(
     r"""Public sum :math:`\sum_i h_i` and clipped private sum :math:`\sum_i c_i \Delta_i`.
 
     ``mask`` is a bool pixel mask (N, T, H, W), ``True`` = sensitive. ``view`` defaults to
-    ``FillView(0.0)``. With ``protect_labels`` the public term is dropped and the full
+    ``FillView(0.5)``. With ``protect_labels`` the public term is dropped and the full
     gradient is clipped (plain DP-SGD). ``present`` (bool, N) marks records whose sensitive
     content exists; an absent record is the ``erase`` neighbour and contributes
     :math:`\Delta_i = 0` (used by tests and the audit). Deterministic; adds no noise.

@@ -2,7 +2,9 @@
 
 Every write goes to a temporary file in the same directory, is flushed and fsynced, then
 renamed over the target (``os.replace`` is atomic on POSIX), and the directory is fsynced so
-the rename itself survives a crash. A reader sees either the old file or the new one.
+the rename itself survives a crash. A reader sees either the old file or the new one. A
+process killed mid-write leaves at most a hidden temporary (``.NAME.*.tmp``) next to the
+target, never a torn target; :func:`remove_temporaries` clears them when a run resumes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync dir)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(target.parent.parent)  # the new directory's entry survives a crash too
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
@@ -63,3 +67,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def remove_temporaries(directory: str | os.PathLike[str], names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_write_bytes` left for ``names`` in
+    ``directory`` when a writer was killed (``.NAME.XXXX.tmp``); return what was removed.
+
+    Only call it when no other process writes to ``directory``.
+    """
+    folder = Path(directory)
+    removed = []
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        _fsync_dir(folder)
+    return removed

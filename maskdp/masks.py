@@ -31,9 +31,7 @@ def check_pixel_mask(mask: Tensor, inputs: Tensor | None = None) -> None:
             "convert with mask.bool() if it holds 0/1 values"
         )
     if mask.dim() != 4:
-        raise InvalidInputError(
-            f"mask must have shape (N, T, H, W), got {tuple(mask.shape)}"
-        )
+        raise InvalidInputError(f"mask must have shape (N, T, H, W), got {tuple(mask.shape)}")
     if inputs is None:
         return
     if inputs.dim() != 5:

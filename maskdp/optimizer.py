@@ -7,6 +7,9 @@ One step (DESIGN.md section 3), each phase a method as in Opacus
    :math:`\sum_i h_i + \sum_i c_i \Delta_i` for a batch; several calls before a step add up.
 2. :meth:`~MaskDPOptimizer.add_noise`: :math:`+\,N(0, \sigma^2 C^2 I)` on every released
    parameter, on every step (an empty batch included).
+   With ``private_weight`` or ``shrinkage`` the noise goes on the private sum alone and
+   the step uses :math:`\sum_i h_i + w\,s(Z)` of the noisy private sum :math:`Z`
+   (post-processing, :mod:`maskdp.postprocess`).
 3. :meth:`~MaskDPOptimizer.scale`: divide by the expected batch size :math:`B = qN`.
 4. :meth:`~MaskDPOptimizer.account`: one Poisson-subsampled Gaussian step
    :math:`(q, \sigma)` in the ledger.
@@ -39,9 +42,10 @@ from torch.optim import Optimizer
 
 from accounting.errors import AccountingError
 from accounting.ledger import ACCOUNTANTS, PrivacyLedger
-from maskdp import noise
+from maskdp import noise, postprocess, precision
+from maskdp.distributed import DistributedContext, unwrap_ddp
 from maskdp.engines.base import Engine, MaskedGradient, PerSampleLoss, resolve_engine
-from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded
+from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded, UnsupportedModelError
 from maskdp.functional import check_max_grad_norm, make_batch
 from maskdp.validate import validate_model
 from maskdp.views import PublicView, as_view
@@ -92,6 +96,10 @@ def check_target_epsilon(value: float) -> float:
     return float(value)
 
 
+def _add(total: dict[str, Tensor] | None, more: dict[str, Tensor]) -> dict[str, Tensor]:
+    return more if total is None else {n: total[n] + more[n] for n in more}
+
+
 def _sum_norm(tensors: Iterable[Tensor]) -> Tensor:
     norms = [torch.linalg.vector_norm(t.detach().double()) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
@@ -115,7 +123,8 @@ class MaskDPOptimizer(Optimizer):
         expected_batch_size: :math:`B = qN`, the divisor of every step (fixed, never the
             realised batch size).
         sample_rate: the Poisson sampling rate :math:`q \in (0, 1]`.
-        view: the public view (default ``FillView(0.0)``) or a callable.
+        view: the public view (default ``FillView(0.5)``, see :func:`maskdp.views.as_view`)
+            or a callable.
         engine: ``"auto"`` or an engine name (:func:`maskdp.engines.base.engine_names`).
         protect_labels: plain DP-SGD on :math:`g_i` (no public term): protects labels too.
         target_epsilon: with ``target_delta``, :meth:`step` raises
@@ -127,6 +136,22 @@ class MaskDPOptimizer(Optimizer):
         accountant: ``"rdp"`` (default) or ``"prv"`` (tighter, slower; its upper bound).
         noise_generator: a ``torch.Generator`` for the noise (``None``: torch's global
             generator). Its state is saved by :meth:`state_dict`.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` runs each engine call under
+            ``torch.autocast`` (low-precision forward passes); clipped sums, noise and the
+            division stay in the parameters' dtype (:mod:`maskdp.precision`).
+        private_weight: :math:`w \ge 0`: the step uses :math:`\sum_i h_i + w Z` with
+            :math:`Z = \sum_i c_i \Delta_i + N(0, \sigma^2 C^2 I)` the noisy private sum
+            (noise added *before* weighting; :math:`w < 1` trades the private term's bias
+            for less noise). Post-processing of the released :math:`(\sum_i h_i, Z)`, so
+            free in privacy (:mod:`maskdp.postprocess`). Default 1: plain MaskDP-SGD.
+        shrinkage: ``None`` or ``"james-stein"``: per parameter tensor, replace :math:`Z`
+            by its positive-part James-Stein shrinkage toward zero, computed from :math:`Z`,
+            :math:`\sigma`, :math:`C` and the dimension only (post-processing too).
+
+    Distributed data parallel: pass ``model=DistributedDataParallel(model)``. Engines then
+    run on ``model.module``; each rank's clipped sum is all-reduced, rank 0 alone adds the
+    noise, and every rank divides by ``expected_batch_size`` (the *global* one) and accounts
+    one step (:mod:`maskdp.distributed`).
     """
 
     def __init__(
@@ -146,8 +171,13 @@ class MaskDPOptimizer(Optimizer):
         target_delta: float | None = None,
         accountant: str = "rdp",
         noise_generator: torch.Generator | None = None,
+        autocast: torch.dtype | None = None,
+        private_weight: float = 1.0,
+        shrinkage: str | None = None,
     ) -> None:
         # Validate everything before building anything (an invalid wrapper never exists).
+        model, self._dist = unwrap_ddp(model)
+        self._autocast = precision.check_autocast(autocast)
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, MaskDPOptimizer):
             raise InvalidInputError(
                 f"optimizer must be a torch.optim.Optimizer (not already wrapped), got "
@@ -159,6 +189,8 @@ class MaskDPOptimizer(Optimizer):
         self._batch_size = check_expected_batch_size(expected_batch_size)
         self._sample_rate = check_sample_rate(sample_rate)
         self._view = as_view(view)
+        self._private_weight = postprocess.check_private_weight(private_weight)
+        self._shrinkage = postprocess.check_shrinkage(shrinkage)
         if not isinstance(protect_labels, bool):
             raise InvalidInputError(f"protect_labels must be a bool, got {protect_labels!r}")
         self._protect_labels = protect_labels
@@ -192,13 +224,31 @@ class MaskDPOptimizer(Optimizer):
         self._check_params(p for group in optimizer.param_groups for p in group["params"])
         if not isinstance(engine, str):
             raise InvalidInputError(f"engine must be a string, got {type(engine).__name__}")
-        self._engine: Engine = resolve_engine(engine, model)(model, loss_fn)
+        engine_cls = resolve_engine(engine, model)
+        if self._autocast is not None and not engine_cls.autocast_safe:
+            raise UnsupportedModelError(
+                f"engine {engine_cls.name!r} does not keep the clipping bound under autocast "
+                "(it reduces in low precision); pass engine='hooks', 'vmap' or 'reference'"
+            )
+        if self._dist is not None:  # a collective: every rank builds its optimizer here
+            self._dist.check_same(
+                {
+                    "noise_multiplier": self._sigma,
+                    "max_grad_norm": self._clip,
+                    "expected_batch_size": self._batch_size,
+                    "sample_rate": self._sample_rate,
+                }
+            )
+        self._engine: Engine = engine_cls(model, loss_fn)
 
         self._inner = optimizer
         self._ledger = PrivacyLedger()
         self._steps = 0
         self._noiseless_steps = 0
         self._clipped_sum: dict[str, Tensor] | None = None
+        # With private_weight != 1 or shrinkage the parts are kept apart: _clipped_sum then
+        # holds the public sum and _private_sum the clipped private sum (see _accumulate).
+        self._private_sum: dict[str, Tensor] | None = None
         self._budget_left: int | None = None  # steps the target still allows (cached)
         self.last_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
@@ -221,8 +271,30 @@ class MaskDPOptimizer(Optimizer):
         return self._engine
 
     @property
+    def distributed(self) -> DistributedContext | None:
+        """Rank and world of a ``DistributedDataParallel`` model, None for one process."""
+        return self._dist
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return self._autocast
+
+    @property
     def view(self) -> PublicView:
         return self._view
+
+    @property
+    def private_weight(self) -> float:
+        return self._private_weight
+
+    @property
+    def shrinkage(self) -> str | None:
+        return self._shrinkage
+
+    @property
+    def _post_processed(self) -> bool:
+        """Whether the public and noisy private sums are released separately."""
+        return self._private_weight != 1.0 or self._shrinkage is not None
 
     @property
     def noise_multiplier(self) -> float:
@@ -316,7 +388,8 @@ class MaskDPOptimizer(Optimizer):
             f"MaskDPOptimizer({type(self._inner).__name__}, noise_multiplier={self._sigma}, "
             f"max_grad_norm={self._clip}, expected_batch_size={self._batch_size}, "
             f"sample_rate={self._sample_rate}, view={self._view!r}, "
-            f"engine={self._engine.name!r}, protect_labels={self._protect_labels})"
+            f"engine={self._engine.name!r}, protect_labels={self._protect_labels}, "
+            f"private_weight={self._private_weight}, shrinkage={self._shrinkage!r})"
         )
 
     def _check_params(self, params: Iterable[Tensor]) -> None:
@@ -337,7 +410,7 @@ class MaskDPOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the accumulated clipped sum and clear the inner optimizer's gradients."""
-        self._clipped_sum = None
+        self._clipped_sum = self._private_sum = None
         self._inner.zero_grad(set_to_none=set_to_none)
 
     def backward(
@@ -360,7 +433,8 @@ class MaskDPOptimizer(Optimizer):
         batch = make_batch(
             self._view, inputs, mask, targets, protect_labels=self._protect_labels, present=present
         )
-        result = self._engine.compute(batch, max_grad_norm=self._clip)
+        with precision.autocast(self._autocast, inputs.device):
+            result = self._engine.compute(batch, max_grad_norm=self._clip)
         self._accumulate(result)
         return result.loss.detach()
 
@@ -372,33 +446,81 @@ class MaskDPOptimizer(Optimizer):
                 f"parameters {missing} are in the optimizer but the engine gave no gradient "
                 "for them (requires_grad turned off after building the optimizer?)"
             )
-        total = {n: result.public[n] + result.private[n] for n in names}
-        if self._clipped_sum is None:
-            self._clipped_sum = total
+        dtypes = {name: p.dtype for name, p in self._released()}  # fp32 even under autocast
+        if self._post_processed:  # keep the parts apart: _clipped_sum holds the public sum
+            total = {n: result.public[n].to(dtypes[n]) for n in names}
+            private = {n: result.private[n].to(dtypes[n]) for n in names}
+            self._private_sum = _add(self._private_sum, private)
         else:
-            self._clipped_sum = {n: self._clipped_sum[n] + total[n] for n in names}
+            total = {
+                n: result.public[n].to(dtypes[n]) + result.private[n].to(dtypes[n]) for n in names
+            }
+        self._clipped_sum = _add(self._clipped_sum, total)
         self.last_norms = result.norms.detach()
         self.last_clip_factors = result.clip_factors.detach()
         self.last_public = _sum_norm(result.public.values())
         self.last_private = _sum_norm(result.private.values())
 
     def _clipped(self) -> dict[str, Tensor]:
-        """The accumulated clipped sum, zeros when no batch was seen (an empty batch)."""
+        """The accumulated clipped sum, zeros when no batch was seen (an empty batch).
+
+        With post-processing (``private_weight`` or ``shrinkage``) it is the public sum.
+        """
+        return self._as_released(self._clipped_sum)
+
+    def _as_released(self, sums: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """``sums`` in the released parameters' order, zeros for an empty batch."""
         released = self._released()
-        if self._clipped_sum is None:
+        if sums is None:
             return {name: torch.zeros_like(p) for name, p in released}
-        return {name: self._clipped_sum[name] for name, _ in released}
+        return {name: sums[name] for name, _ in released}
 
     def add_noise(self) -> None:
-        r"""``p.grad`` = clipped sum :math:`+\,N(0, \sigma^2 C^2 I)`, always (see :mod:`maskdp.noise`)."""
+        r"""``p.grad`` = clipped sum :math:`+\,N(0, \sigma^2 C^2 I)`, always (see :mod:`maskdp.noise`).
+
+        Distributed: rank 0 alone adds the noise, then the ranks' sums are all-reduced, so
+        the noise enters the global sum exactly once (:mod:`maskdp.distributed`).
+        """
+        main = self._dist is None or self._dist.is_main
+        if self._post_processed:
+            self._add_noise_then_post_process(main)
+            return
         noisy = noise.add_noise(
             self._clipped(),
-            noise_multiplier=self._sigma,
+            noise_multiplier=self._sigma if main else 0.0,
             max_grad_norm=self._clip,
             generator=self._generator,
         )
+        if self._dist is not None:
+            noisy = self._dist.all_reduce_sum(noisy)
         for name, p in self._released():
             p.grad = noisy[name].to(p.dtype)
+
+    def _add_noise_then_post_process(self, main: bool) -> None:
+        r"""``p.grad`` = :math:`\sum_i h_i + w\, s(Z)`, :math:`Z` = private sum + noise.
+
+        The noise is added to the private sum first (same draws as the default path), and
+        only the released :math:`Z` and the public sum enter :func:`maskdp.postprocess.combine`.
+        """
+        public = self._clipped()
+        noisy = noise.add_noise(
+            self._as_released(self._private_sum),
+            noise_multiplier=self._sigma if main else 0.0,
+            max_grad_norm=self._clip,
+            generator=self._generator,
+        )
+        if self._dist is not None:
+            public = self._dist.all_reduce_sum(public)
+            noisy = self._dist.all_reduce_sum(noisy)
+        released = postprocess.combine(
+            public,
+            noisy,
+            private_weight=self._private_weight,
+            shrinkage=self._shrinkage,
+            noise_std=self._sigma * self._clip,
+        )
+        for name, p in self._released():
+            p.grad = released[name].to(p.dtype)
 
     def scale(self) -> None:
         """``p.grad`` /= the expected batch size (never the realised one)."""
@@ -464,7 +586,7 @@ class MaskDPOptimizer(Optimizer):
         self.add_noise()
         self.scale()
         self.account()
-        self._clipped_sum = None
+        self._clipped_sum = self._private_sum = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One MaskDP-SGD step (see module docstring); a step with no batch is an empty batch.
@@ -578,7 +700,7 @@ class MaskDPOptimizer(Optimizer):
         self._budget_left = None
         if gen_state is not None:
             self._generator.set_state(gen_state)
-        self._clipped_sum = None
+        self._clipped_sum = self._private_sum = None
 
     def close(self) -> None:
         """Release the engine's hooks on the model."""

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from maskdp.distributed import DistributedContext, from_env, shard_indices, sum_gradients
 from maskdp.errors import InvalidInputError
-from maskdp.io import atomic_torch_save, atomic_write_json
+from maskdp.io import atomic_torch_save, atomic_write_json, remove_temporaries
 from maskdp.train_config import TrainConfig
 
 CONFIG, CHECKPOINT, METRICS = "config.json", "checkpoint.pt", "metrics.json"
@@ -55,6 +56,32 @@ def new_run_dir(root: str | Path = "runs") -> Path:
     return path
 
 
+class MemoDataset(Dataset):
+    """Keeps each item of a generated dataset after its first rendering (epochs reuse it).
+
+    Other attributes (``identities``, ``render``, ...) are those of the wrapped dataset.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._items: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        index = int(index)
+        item = self._items.get(index)
+        if item is None:
+            item = self._items[index] = self.dataset[index]
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "_items"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
     """Train set, test set and number of classes."""
     if config.dataset == "synthetic":
@@ -68,7 +95,7 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
             image_size=config.image_size,
             seed=config.seed,
         )
-        return train, test, train.num_classes
+        return MemoDataset(train), MemoDataset(test), train.num_classes
     from maskdp.data import ClipFolder
 
     root = Path(config.dataset)
@@ -85,17 +112,20 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> 
             in_channels=in_channels,
             frames=config.frames,
             image_size=config.image_size,
+            temporal_centering=config.temporal_centering,
         )
     return SmallVideoCNN(num_classes=num_classes, in_channels=in_channels)
 
 
 def build_view(config: TrainConfig, model: nn.Module):
-    from maskdp.views import DropView, FillView, RandomFillView
+    from maskdp.views import DropView, FillView, InpaintView, RandomFillView
 
     if config.view == "fill":
         return FillView(0.5)
     if config.view == "random":
         return RandomFillView(0.0, 1.0, seed=config.seed)
+    if config.view == "inpaint":
+        return InpaintView("temporal", fallback=0.5)
     return DropView.for_model(model, fill=0.5)
 
 
@@ -138,15 +168,29 @@ def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.new_zeros((0, *x.shape)), m.new_zeros((0, *m.shape)), torch.zeros(0, dtype=y.dtype)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device named by ``--device``; a clear error when it is not usable here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128) -> float:
     """Top-1 action accuracy on full clips."""
+    device = next(model.parameters()).device
     model.eval()
     correct = 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(dataset)))
             x, _, y = collate(dataset, idx)
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
     model.train()
     return correct / max(1, len(dataset))
 
@@ -154,17 +198,24 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128)
 class Run:
     """One training run bound to a run directory."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, *, dist: DistributedContext | None = None
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.dist = dist  # torchrun: this rank's place; None for one process
+        self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         self.train_set, self.test_set, num_classes = build_datasets(config)
-        self.model = build_model(config, num_classes)
+        self.model = build_model(config, num_classes).to(self.device)
         self.plan = make_plan(config, len(self.train_set))
         self.inner = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.view = build_view(config, self.model)
+        # DDP broadcasts rank 0's parameters; MaskDPOptimizer then all-reduces the clipped
+        # sums and noises them once (maskdp.distributed).
+        self.ddp = nn.parallel.DistributedDataParallel(self.model) if dist is not None else None
         self.optimizer = self._private_optimizer() if config.mode != "nonprivate" else None
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -175,7 +226,7 @@ class Run:
         config = self.config
         return MaskDPOptimizer(
             self.inner,
-            model=self.model,
+            model=self.ddp if self.ddp is not None else self.model,
             loss_fn=nn.CrossEntropyLoss(),
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
@@ -184,11 +235,15 @@ class Run:
             view=self.view,
             engine=config.engine,
             protect_labels=config.mode == "dpsgd",
+            private_weight=config.private_weight,
+            shrinkage=None if config.shrinkage == "none" else config.shrinkage,
             noise_generator=torch.Generator().manual_seed(config.seed + 1),
         )
 
     # -- persistence ---------------------------------------------------------------------
     def save(self) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return  # rank 0 alone writes the run directory
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -232,31 +287,41 @@ class Run:
         idx = poisson_indices(
             len(self.train_set), self.plan.sample_rate, seed=self.config.seed, step=step
         )
+        if self.dist is not None:  # this rank's shard of the step's Poisson sample
+            idx = shard_indices(idx, rank=self.dist.rank, world_size=self.dist.world_size)
         x, m, y = collate(self.train_set, idx)
         if self.config.mode == "dpsgd":
             m = torch.ones_like(m)
-        return x, m, y
+        return x.to(self.device), m.to(self.device), y.to(self.device)
 
     def _public_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
         """Warm-up on public views only: no sensitive content, no privacy cost."""
         self.inner.zero_grad()
-        if len(y) == 0:
-            return 0.0
-        public = self.view.public(x, m)
-        loss = nn.functional.cross_entropy(public(self.model), y, reduction="sum")
-        (loss / self.config.batch_size).backward()
-        self.inner.step()
-        return float(loss) / len(y)
+        loss = 0.0
+        if len(y):
+            public = self.view.public(x, m)
+            total = nn.functional.cross_entropy(public(self.model), y, reduction="sum")
+            (total / self.config.batch_size).backward()
+            loss = float(total.detach()) / len(y)
+        self._inner_step(len(y))
+        return loss
+
+    def _inner_step(self, count: int) -> None:
+        """The inner optimizer's step on a non-empty (global) batch; ranks sum gradients."""
+        params = list(self.model.parameters())
+        if sum_gradients(params, self.dist, count):
+            self.inner.step()
 
     def _private_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
         if self.optimizer is None:
             self.inner.zero_grad()
-            if len(y) == 0:
-                return 0.0
-            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
-            (loss / self.config.batch_size).backward()
-            self.inner.step()
-            return float(loss) / len(y)
+            loss = 0.0
+            if len(y):
+                total = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+                (total / self.config.batch_size).backward()
+                loss = float(total.detach()) / len(y)
+            self._inner_step(len(y))
+            return loss
         self.optimizer.zero_grad()
         loss = self.optimizer.backward(x, m, y)
         self.optimizer.step()
@@ -302,8 +367,30 @@ def train(
 
     With ``resume`` the run directory's config must equal ``config`` and training continues
     from its checkpoint with the same ledger.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank joins a gloo (CPU) or nccl
+    (CUDA) process group, trains on its shard of each step's Poisson sample with the ranks'
+    clipped sums all-reduced and noised once (:mod:`maskdp.distributed`), and rank 0 alone
+    writes the run directory; every rank returns the same metrics.
     """
+    with from_env(config.device) as dist:
+        return _train(config, run_dir, resume=resume, on_step=on_step, dist=dist)
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: str | Path | None,
+    *,
+    resume: bool,
+    on_step: Callable[[int, int, float, Run], None] | None,
+    dist: DistributedContext | None,
+) -> dict[str, Any]:
+    main = dist is None or dist.is_main
     path = Path(run_dir) if run_dir is not None else new_run_dir()
+    if dist is not None and run_dir is None:  # rank 0's timestamped name for every rank
+        shared = [str(path)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        path = Path(shared[0])
     if resume:
         stored = read_config(path)
         if stored != config:
@@ -314,17 +401,22 @@ def train(
         raise InvalidInputError(
             f"run directory {path} already holds a run; use --resume or another --run-dir"
         )
-    run = Run(config, path)
+    run = Run(config, path, dist=dist)
+    if dist is not None:
+        dist.barrier()  # every rank has checked the directory before rank 0 writes to it
+    if main:  # temporaries of a writer killed mid-write (the targets themselves are whole)
+        remove_temporaries(path, (CONFIG, CHECKPOINT, METRICS))
     if resume and (path / CHECKPOINT).exists():
         run.load()
-    else:
+    elif main:
         atomic_write_json(path / CONFIG, config.to_dict())
     start = time.perf_counter()
     for step, loss in run.steps():
         if on_step is not None:
             on_step(step, run.plan.total_steps, loss, run)
     metrics = {**run.metrics(time.perf_counter() - start), "run_dir": str(path)}
-    atomic_write_json(path / METRICS, metrics)
+    if main:
+        atomic_write_json(path / METRICS, metrics)
     return metrics
 
 

@@ -6,6 +6,7 @@ Torch is imported inside the commands only, so ``maskdp epsilon`` stays fast.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,34 +32,139 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
 
 
 def train_command(
-    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: a new one under ./runs).", rich_help_panel=_RUN)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir with its ledger.", rich_help_panel=_RUN)] = False,
-    config: Annotated[Path | None, typer.Option(help="JSON file of options (command-line options override it).", rich_help_panel=_RUN)] = None,
-    mode: Annotated[str | None, typer.Option(help="maskdp | dpsgd (whole clip private) | nonprivate.", rich_help_panel=_PRIVACY)] = None,
-    target_epsilon: Annotated[float | None, typer.Option(help="Epsilon to reach at the end (default 1.0).", rich_help_panel=_PRIVACY)] = None,
-    noise_multiplier: Annotated[float | None, typer.Option(help="Fixed noise multiplier instead of a target epsilon.", rich_help_panel=_PRIVACY)] = None,
-    delta: Annotated[float | None, typer.Option(help="Delta of the guarantee (default 1e-5).", rich_help_panel=_PRIVACY)] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Clipping norm C of the private term.", rich_help_panel=_PRIVACY)] = None,
-    accountant: Annotated[str | None, typer.Option(help="rdp | prv.", rich_help_panel=_PRIVACY)] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run directory (default: a new one under ./runs).", rich_help_panel=_RUN),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in --run-dir with its ledger.", rich_help_panel=_RUN
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON file of options (command-line options override it).", rich_help_panel=_RUN
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="maskdp | dpsgd (whole clip private) | nonprivate.", rich_help_panel=_PRIVACY
+        ),
+    ] = None,
+    target_epsilon: Annotated[
+        float | None,
+        typer.Option(help="Epsilon to reach at the end (default 1.0).", rich_help_panel=_PRIVACY),
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            help="Fixed noise multiplier instead of a target epsilon.", rich_help_panel=_PRIVACY
+        ),
+    ] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(help="Delta of the guarantee (default 1e-5).", rich_help_panel=_PRIVACY),
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None,
+        typer.Option(help="Clipping norm C of the private term.", rich_help_panel=_PRIVACY),
+    ] = None,
+    private_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of the noisy private sum (post-processing: free).",
+            rich_help_panel=_PRIVACY,
+        ),
+    ] = None,
+    shrinkage: Annotated[
+        str | None,
+        typer.Option(
+            help="none | james-stein: shrink the noisy private sum (free).",
+            rich_help_panel=_PRIVACY,
+        ),
+    ] = None,
+    accountant: Annotated[
+        str | None, typer.Option(help="rdp | prv.", rich_help_panel=_PRIVACY)
+    ] = None,
     model: Annotated[str | None, typer.Option(help="vit | cnn.", rich_help_panel=_DATA)] = None,
-    dataset: Annotated[str | None, typer.Option(help="'synthetic' or a ClipFolder path with train/ and test/.", rich_help_panel=_DATA)] = None,
-    scenario: Annotated[str | None, typer.Option(help="Synthetic scenario: avatar | person.", rich_help_panel=_DATA)] = None,
-    train_size: Annotated[int | None, typer.Option(help="Synthetic training clips.", rich_help_panel=_DATA)] = None,
-    test_size: Annotated[int | None, typer.Option(help="Synthetic test clips.", rich_help_panel=_DATA)] = None,
-    view: Annotated[str | None, typer.Option(help="Public view: fill | random | drop.", rich_help_panel=_DATA)] = None,
-    engine: Annotated[str | None, typer.Option(help="auto | ghost | hooks | vmap | reference.", rich_help_panel=_OPT)] = None,
-    epochs: Annotated[float | None, typer.Option(help="Private epochs.", rich_help_panel=_OPT)] = None,
-    public_epochs: Annotated[float | None, typer.Option(help="Warm-up epochs on public views (free).", rich_help_panel=_OPT)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Expected batch size.", rich_help_panel=_OPT)] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (AdamW).", rich_help_panel=_OPT)] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="'synthetic' or a ClipFolder path with train/ and test/.", rich_help_panel=_DATA
+        ),
+    ] = None,
+    scenario: Annotated[
+        str | None, typer.Option(help="Synthetic scenario: avatar | person.", rich_help_panel=_DATA)
+    ] = None,
+    train_size: Annotated[
+        int | None, typer.Option(help="Synthetic training clips.", rich_help_panel=_DATA)
+    ] = None,
+    test_size: Annotated[
+        int | None, typer.Option(help="Synthetic test clips.", rich_help_panel=_DATA)
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="Frames per synthetic clip.", rich_help_panel=_DATA)
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Height and width of synthetic clips.", rich_help_panel=_DATA)
+    ] = None,
+    view: Annotated[
+        str | None,
+        typer.Option(help="Public view: fill | random | inpaint | drop.", rich_help_panel=_DATA),
+    ] = None,
+    temporal_centering: Annotated[
+        bool | None,
+        typer.Option(
+            "--temporal-centering/--no-temporal-centering",
+            help="vit: subtract each pixel's mean over frames (static cameras).",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="auto | ghost | hooks | vmap | reference.", rich_help_panel=_OPT),
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Private epochs.", rich_help_panel=_OPT)
+    ] = None,
+    public_epochs: Annotated[
+        float | None,
+        typer.Option(help="Warm-up epochs on public views (free).", rich_help_panel=_OPT),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Expected batch size.", rich_help_panel=_OPT)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (AdamW).", rich_help_panel=_OPT)
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda.", rich_help_panel=_OPT)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data, model, sampling and noise.", rich_help_panel=_OPT)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of data, model, sampling and noise.", rich_help_panel=_OPT),
+    ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="CPU threads of torch. Default 1: the default model trains 6x faster on 1 thread than on 2 on a busy 2-core machine (benchmarks/RESULTS.md).",
+            rich_help_panel=_OPT,
+        ),
+    ] = 1,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the metrics as one JSON object.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a video model with MaskDP (default: VideoViT on synthetic clips, epsilon 1)."""
-    options = {k: v for k, v in locals().items() if v is not None and k not in
-               {"run_dir", "resume", "config", "as_json", "progress"}}
+    options = {
+        k: v
+        for k, v in locals().items()
+        if v is not None
+        and k not in {"run_dir", "resume", "config", "as_json", "progress", "threads"}
+    }
     from maskdp.train_config import build_config, load_config_file
 
     if resume and run_dir is None:
@@ -71,8 +177,13 @@ def train_command(
         base = load_config_file(config) if config is not None else {}
         settings = build_config(**{**base, **options})
 
-    metrics = _with_progress(settings, run_dir, resume, progress and not as_json)
-    _print_metrics(metrics, as_json)
+    import torch
+
+    torch.set_num_threads(threads)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    metrics = _with_progress(settings, run_dir, resume, progress and not as_json and main)
+    if main:
+        _print_metrics(metrics, as_json)
 
 
 def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool):
@@ -82,8 +193,13 @@ def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool
         return train(settings, run_dir, resume=resume)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}  eps {task.fields[eps]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  eps {task.fields[eps]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("train", total=None, loss=float("nan"), eps="-")
 
@@ -91,8 +207,9 @@ def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool
             eps = "-"
             if run.optimizer is not None and (step % 10 == 0 or step == total):
                 eps = f"{run.epsilon():.3f}"
-            bar.update(task, completed=step, total=total, loss=loss,
-                       **({"eps": eps} if eps != "-" else {}))
+            bar.update(
+                task, completed=step, total=total, loss=loss, **({"eps": eps} if eps != "-" else {})
+            )
 
         return train(settings, run_dir, resume=resume, on_step=on_step)
 

@@ -36,18 +36,25 @@ class TrainConfig(BaseModel):
     test_size: int = Field(512, ge=1)
     frames: int = Field(8, ge=1)
     image_size: int = Field(32, ge=1)
-    view: Literal["fill", "random", "drop"] = "random"
+    view: Literal["fill", "random", "inpaint", "drop"] = "fill"
+    temporal_centering: bool = Field(
+        True, description="vit: subtract each pixel's mean over frames (static-camera clips)"
+    )
     engine: str = "auto"
     target_epsilon: float | None = Field(None, gt=0, description="default 1.0 for private runs")
     noise_multiplier: float | None = Field(None, ge=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
-    epochs: float = Field(10.0, gt=0)
-    public_epochs: float = Field(0.0, ge=0, description="warm-up epochs on public views only")
+    epochs: float = Field(2.0, gt=0, description="private epochs")
+    public_epochs: float = Field(5.0, ge=0, description="warm-up epochs on public views only")
     batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    private_weight: float = Field(
+        1.0, ge=0, description="weight of the noisy private sum (post-processing, free)"
+    )
+    shrinkage: Literal["none", "james-stein"] = "none"
     device: str = "cpu"
     seed: int = 0
 
@@ -65,8 +72,17 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        for name in ("target_epsilon", "noise_multiplier", "delta", "epochs", "lr",
-                     "max_grad_norm", "public_epochs", "weight_decay"):
+        for name in (
+            "target_epsilon",
+            "noise_multiplier",
+            "delta",
+            "epochs",
+            "lr",
+            "max_grad_norm",
+            "public_epochs",
+            "weight_decay",
+            "private_weight",
+        ):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
@@ -74,9 +90,7 @@ class TrainConfig(BaseModel):
             if self.target_epsilon is not None and self.noise_multiplier is not None:
                 raise ValueError("give either target_epsilon or noise_multiplier, not both")
         if self.batch_size > self.train_size and self.dataset == "synthetic":
-            raise ValueError(
-                f"batch_size {self.batch_size} exceeds train_size {self.train_size}"
-            )
+            raise ValueError(f"batch_size {self.batch_size} exceeds train_size {self.train_size}")
         return self
 
     def to_dict(self) -> dict:

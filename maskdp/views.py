@@ -19,6 +19,9 @@ Views:
   or one per channel; never a statistic of the data). Works with every model.
 - :class:`RandomFillView`: sensitive pixels replaced by noise drawn from the view's own
   generator, independent of the data.
+- :class:`InpaintView`: sensitive pixels filled from the clip's own public pixels only (the
+  mean of the frame's public pixels, or the same pixel in the nearest frame where it is
+  public), with a constant where a frame has no public pixel.
 - :class:`DropView`: for token models implementing the token-drop protocol
   (``model(x, drop_tokens=bool[N, tokens])``): sensitive tokens are removed right after the
   tubelet embedding, so the public pass runs on fewer tokens.
@@ -167,7 +170,6 @@ class RandomFillView(_PixelView):
         noise = noise.to(device=inputs.device, dtype=inputs.dtype)
         return self.low + (self.high - self.low) * noise
 
-
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self._generator.get_state()}
 
@@ -176,6 +178,92 @@ class RandomFillView(_PixelView):
 
     def __repr__(self) -> str:
         return f"RandomFillView(low={self.low}, high={self.high}, seed={self.seed})"
+
+
+class InpaintView(_PixelView):
+    r"""Fill sensitive pixels from the clip's own public pixels (and the mask) only.
+
+    ``method="mean"``: every sensitive pixel of frame :math:`t` and channel :math:`c` gets
+    the mean of the public pixels of that (sample, channel, frame),
+    :math:`\sum_{p \notin m_t} x_{c,t,p} / |\{p \notin m_t\}|`, or ``fallback`` when the
+    frame has no public pixel.
+
+    ``method="temporal"``: every sensitive pixel gets the value of the same pixel in the
+    nearest frame where it is public (earlier frame first on ties); pixels sensitive in
+    every frame get the ``"mean"`` fill.
+
+    Privacy: sensitive values are never arithmetic operands. Every statistic is a sum over
+    ``torch.where(public, x, 0)`` and every copy a ``torch.where`` that selects a public
+    value, so the view is a function of public content and the mask, bit for bit (the
+    leak test perturbs sensitive pixels and compares with ``torch.equal``). Caveat on this
+    repository's synthetic ``avatar`` scenario: the only public pixels are the avatar's, so
+    inpainting paints the background in the avatar's colour and hides it; measure before
+    choosing a view.
+    """
+
+    METHODS = ("mean", "temporal")
+
+    def __init__(self, method: str = "mean", *, fallback: float = 0.5) -> None:
+        if method not in self.METHODS:
+            raise InvalidInputError(
+                f"InpaintView method must be one of {list(self.METHODS)}, got {method!r}"
+            )
+        if (
+            isinstance(fallback, bool)
+            or not isinstance(fallback, (int, float))
+            or not math.isfinite(fallback)
+        ):
+            raise InvalidInputError(
+                f"InpaintView fallback must be a finite number fixed before training, "
+                f"got {fallback!r}"
+            )
+        self.method = method
+        self.fallback = float(fallback)
+
+    def public(self, inputs: Tensor, mask: Tensor) -> ModelInput:
+        check_pixel_mask(mask, inputs)
+        public = ~mask[:, None].expand_as(inputs)
+        # The only read of ``inputs``: sensitive values are replaced by zeros, never used.
+        safe = torch.where(public, inputs, inputs.new_zeros(()))
+        fill = self._frame_mean(safe, public)
+        if self.method == "temporal":
+            fill = self._nearest_public_frame(safe, public, fill)
+        return ModelInput(torch.where(public, safe, fill))
+
+    def _frame_mean(self, safe: Tensor, public: Tensor) -> Tensor:
+        """Per (sample, channel, frame) mean of public pixels, ``fallback`` where none."""
+        total = safe.sum(dim=(3, 4), keepdim=True)
+        count = public.sum(dim=(3, 4), keepdim=True)
+        mean = total / count.clamp_min(1).to(safe.dtype)
+        fallback = torch.full_like(mean, self.fallback)
+        return torch.where(count > 0, mean, fallback).expand_as(safe)
+
+    def _nearest_public_frame(self, safe: Tensor, public: Tensor, fill: Tensor) -> Tensor:
+        """Copy each pixel from the nearest frame where it is public (earlier first)."""
+        frames = safe.shape[2]
+        out = fill.clone()
+        found = torch.zeros_like(public)
+        for offset in range(1, frames):
+            for shift in (offset, -offset):  # source frame t - shift: earlier first
+                source, source_public = _shift_frames(safe, shift), _shift_frames(public, shift)
+                take = source_public & ~found
+                out = torch.where(take, source, out)
+                found = found | take
+        return out
+
+    def __repr__(self) -> str:
+        return f"InpaintView(method={self.method!r}, fallback={self.fallback})"
+
+
+def _shift_frames(tensor: Tensor, shift: int) -> Tensor:
+    """``out[:, :, t] = tensor[:, :, t - shift]`` where that frame exists, else zeros/False."""
+    out = torch.zeros_like(tensor)
+    frames = tensor.shape[2]
+    if shift > 0:
+        out[:, :, shift:] = tensor[:, :, : frames - shift]
+    else:
+        out[:, :, : frames + shift] = tensor[:, :, -shift:]
+    return out
 
 
 class DropView:
@@ -270,14 +358,21 @@ class CallableView(_PixelView):
 
 
 def as_view(view: PublicView | Callable[[Tensor, Tensor], Tensor] | None) -> PublicView:
-    """Resolve ``None`` to the default view and wrap plain callables in :class:`CallableView`."""
+    """Resolve ``None`` to the default view and wrap plain callables in :class:`CallableView`.
+
+    The default is ``FillView(0.5)``, mid-grey for clips in [0, 1] (the convention of
+    :mod:`maskdp.data` and of :class:`~maskdp.models.VideoViT`'s ``input_mean``). Measured
+    with the ``maskdp train`` recipe at epsilon 1 (two seeds each): fill 0.5 kept >= 99.4%
+    accuracy in both synthetic scenarios, fill 0.0 fell to 61-79% in ``person`` and fill
+    1.0 to 67-90% in ``avatar``.
+    """
     if view is None:
-        return FillView(0.0)
+        return FillView(0.5)
     if isinstance(view, PublicView):
         return view
     if callable(view):
         return CallableView(view)
     raise InvalidInputError(
-        f"view must be a PublicView (FillView, RandomFillView, DropView) or a callable "
-        f"(inputs, mask) -> public inputs, got {type(view).__name__}"
+        "view must be a PublicView (FillView, RandomFillView, InpaintView, DropView) or a "
+        f"callable (inputs, mask) -> public inputs, got {type(view).__name__}"
     )

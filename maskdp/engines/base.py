@@ -131,13 +131,17 @@ class Engine(ABC):
     name: ClassVar[str]
     #: Preference order for ``"auto"``: lower is tried first.
     priority: ClassVar[int] = 100
+    #: Whether :math:`\lVert c_i \Delta_i \rVert \le C` still holds (up to fp32 rounding)
+    #: when ``compute`` runs under ``torch.autocast``: norms and the clipped sum must be
+    #: reduced in fp32 or better. ``MaskDPOptimizer(autocast=...)`` refuses other engines.
+    autocast_safe: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module | PerSampleLoss) -> None:
         self.check_support(model)
         self.model = model
         self.loss_fn = per_sample_loss(loss_fn)
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook: accepting every model is a valid default
     def check_support(cls, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` naming the module this engine cannot handle."""
 
@@ -145,7 +149,7 @@ class Engine(ABC):
     def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
         """Public sum, clipped private sum, norms and clip factors of ``batch``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release hooks or buffers held on the model."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
@@ -39,10 +40,16 @@ class Layer:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]
+    params: dict[str, nn.Parameter]
 
     @property
     def label(self) -> str:
         return f"{self.path or '<root>'} ({type(self.module).__name__})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the layer's parameters: norms and sums are computed in it."""
+        return next(iter(self.params.values())).dtype
 
 
 @dataclass
@@ -122,9 +129,9 @@ class Capture:
 
     def check_versions(self) -> None:
         """Refuse a captured input that the forward modified in place after the layer ran."""
-        for layer, calls in zip(self.layers, self.calls):
+        for layer, calls in zip(self.layers, self.calls, strict=True):
             for call in calls.values():
-                if any(t._version != v for t, v in zip(call.inputs, call.versions)):
+                if any(t._version != v for t, v in zip(call.inputs, call.versions, strict=True)):
                     raise UnsupportedModelError(
                         f"{layer.label}: its input was modified in place after the layer used "
                         f"it (e.g. `x.mul_(...)` or an in-place activation on it); make that "
@@ -132,16 +139,20 @@ class Capture:
                     )
 
 
-def analyse_graph(root: Node, layers: list[Layer], calls: list[dict[str, Call]]) -> list[GradientEdge]:
+def analyse_graph(
+    root: Node, layers: list[Layer], calls: list[dict[str, Call]]
+) -> list[GradientEdge]:
     """Check parameter uses (see module docstring) and return the entry layers' edges.
 
     Raises :class:`UnsupportedModelError` when a parameter is consumed by a node outside
     every call of its owner module (e.g. a tied weight used as ``x @ embed.weight.T``).
     """
     owner: dict[int, int] = {}
+    accumulate = None
     for index, layer in enumerate(layers):
-        for local in layer.names:
-            owner[id(layer.module.get_parameter(local))] = index
+        for param in layer.params.values():
+            owner[id(param)] = index
+            accumulate = accumulate or type(get_gradient_edge(param).node)
     outputs: set[Node] = {
         call.edge.node for layer_calls in calls for call in layer_calls.values() if call.edge
     }
@@ -163,9 +174,8 @@ def analyse_graph(root: Node, layers: list[Layer], calls: list[dict[str, Call]])
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
-            variable = getattr(nxt, "variable", None)
-            if variable is not None and id(variable) in owner:
-                consumers.setdefault(owner[id(variable)], set()).add(node)
+            if type(nxt) is accumulate and id(nxt.variable) in owner:
+                consumers.setdefault(owner[id(nxt.variable)], set()).add(node)
             if nxt not in reaches:
                 stack.append((nxt, False))
     for index, used_by in consumers.items():

@@ -4,29 +4,35 @@ For one layer, a record's contribution :math:`\Delta_i` restricted to that layer
 parameters is the per-sample gradient of a "sequence" stacking the full-view rows and the
 public-view rows of sample ``i`` (DESIGN.md section 4); the public rows already carry the
 weight -1 through their output gradient ``G``. Writing :math:`S(A, G)` for the per-sample
-gradient of a layer (linear in ``G``), a rule returns, for a :class:`Pair` of passes,
+gradient of a layer (linear in ``G``), :func:`layer_result` returns for a :class:`Pair`
 
-- ``sq_norms``: :math:`\lVert S(A^f_i, G^f_i) + S(A^p_i, G^p_i)\rVert^2` (float64, one per
-  sample),
+- ``sq_norms``: :math:`\lVert S(A^f_i, G^f_i) + S(A^p_i, G^p_i)\rVert^2`, one per sample,
 - ``public``: :math:`\sum_i h_i = -\sum_i S(A^p_i, G^p_i)` (empty with protected labels),
-- ``private(c)``: :math:`\sum_i c_i \Delta_i`, computed once the clip factors are known.
+- ``private(c)``: :math:`\sum_i c_i \Delta_i`, once the clip factors are known.
 
-Two ways to get there (Bu et al. 2022, "Scalable and efficient training of large
-convolutional neural networks with differential privacy", mixed ghost norm):
+Two ways to get there (mixed ghost norm, Bu et al. 2022, "Scalable and efficient training
+of large convolutional neural networks with differential privacy"):
 
-- *instantiate*: materialise :math:`\Delta_i` for the layer (``B x P_layer`` values), take
-  its norm, keep it for the weighted sum. Cost ``2 R p d`` per sample for a linear map with
-  ``R`` rows per pass.
-- *ghost*: :math:`\lVert G^\top A\rVert_F^2 = \langle A A^\top, G G^\top\rangle` (Li et al.
-  2022, "Large language models can be strong differentially private learners"; Opacus ghost
+- *instantiate* (every rule): ``per_sample`` materialises :math:`S(A, G)` of one pass,
+  the two passes are added and kept for the weighted sum. Cost ``2 R p d`` per sample for a
+  linear map with ``R`` rows per pass; it needs only one pass at a time.
+- *ghost* (linear maps, convolutions, embeddings):
+  :math:`\lVert G^\top A\rVert_F^2 = \langle A A^\top, G G^\top\rangle` (Li et al. 2022,
+  "Large language models can be strong differentially private learners"; Opacus ghost
   clipping), then the clipped sum is one matmul with the rows of ``G`` rescaled by
   :math:`c_i` (book-keeping, Bu et al. 2023, "Differentially private optimization on large
   model at small cost"). Cost ``O(R^2 (d + p))`` per sample plus that matmul.
 
-``"auto"`` instantiates when :math:`p d \le (R_f + R_p)(d + p)`: then the instantiated
-gradient is also smaller than the activations and gradients the ghost branch must keep.
+Counting everything, instantiation never needs more arithmetic (``2 R p d`` against
+``3 R^2 (d + p)`` for the Gram products plus ``3 R p d`` for the weighted sums), but it
+holds ``p d`` values per sample where the ghost branch holds ``(R_f + R_p)(d + p)``.
+``"auto"`` therefore takes the ghost branch only when instantiation would hold
+:data:`GHOST_MEMORY_RATIO` times more (few rows, wide layers: heads, late small-resolution
+convolutions). Measured on CPU, instantiation was faster for every layer of the reference
+ViT, including a 192-wide one where the Gram products have fewer operations.
 
-Rules are pure functions registered in :data:`RULES`, keyed by exact module type.
+Rules are registered in :data:`RULES`, keyed by module type; :func:`rule_for` also accepts
+subclasses that keep the base class's forward, and falls back to Opacus's grad samplers.
 """
 
 from __future__ import annotations
@@ -44,17 +50,24 @@ from torch import Tensor, nn
 from maskdp.models.vit import PositionalEmbedding
 
 Mode = Literal["auto", "ghost", "instantiate"]
-PerSample = Callable[["Pass"], dict[str, Tensor]]
+
+#: ``"auto"`` uses the ghost branch when per-sample gradients would take this many times
+#: the memory of the rows (activations and output gradients) the ghost branch keeps.
+GHOST_MEMORY_RATIO = 4
+
 
 @dataclass(frozen=True)
 class Pass:
     """One pass through a layer: its tensor inputs and the gradient of the objective with
     respect to its output, both batch first (``n`` samples). ``node`` is the autograd node
-    that produced the output, when known (normalisation rules reuse its saved statistics)."""
+    that produced the output, when known (normalisation rules reuse its saved statistics).
+    ``alloc(shape, like)``, when given, provides the buffers of per-sample gradients (the
+    engine reuses them from call to call)."""
 
     inputs: tuple[Tensor, ...]
     grad: Tensor
     node: Any = None
+    alloc: Callable[[tuple[int, ...], Tensor], Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -92,41 +105,62 @@ class LayerResult:
 
     def private(self, factors: Tensor) -> dict[str, Tensor]:
         r""":math:`\sum_i c_i \Delta_i` per parameter (flattened for instantiated ones)."""
-        out = {k: factors.to(v.dtype) @ v for k, v in self.deltas.items()}
+        out = {}
+        for k, v in self.deltas.items():
+            if factors.dtype != v.dtype:
+                factors = factors.to(v.dtype)
+            out[k] = factors @ v
         if self.weighted is not None:
             out.update(self.weighted(factors))
         return out
 
 
-Compute = Callable[[nn.Module, Pair, frozenset[str], Mode], LayerResult]
+PerSample = Callable[[nn.Module, Pass, frozenset[str]], dict[str, Tensor]]
+PairRule = Callable[[nn.Module, Pair, frozenset[str]], LayerResult]
+#: ``prefers_ghost(module, pass_, passes)``: whether the ghost branch is cheaper for a pair
+#: of ``passes`` passes shaped like ``pass_``.
+PrefersGhost = Callable[[nn.Module, Pass, int], bool]
 
 
 @dataclass(frozen=True)
 class LayerRule:
     """How the ghost engine handles one module type.
 
-    ``params``: the direct parameter names the rule knows (None: any); ``refusal(module)`` returns why a
-    configuration is not supported (None when it is); ``inputs``: how many tensor inputs the
-    module's forward must receive (None: any).
+    ``per_sample(module, pass_, names)``: per-sample gradients ``(n, ...)`` of one pass for
+    the parameters in ``names``. ``ghost`` / ``prefers_ghost``: the ghost branch and its cost
+    rule, for layers that have one. ``params``: the direct parameter names the rule knows
+    (None: any). ``refusal(module)``: why a configuration is not supported, or None.
+    ``inputs``: how many tensor inputs the forward must receive (None: any).
     """
 
-    compute: Compute
+    per_sample: PerSample
     params: frozenset[str] | None
+    ghost: PairRule | None = None
+    prefers_ghost: PrefersGhost | None = None
     refusal: Callable[[nn.Module], str | None] = lambda module: None
     inputs: int | None = 1
+    #: Optional faster instantiation of a whole pair (same result as the generic one).
+    instantiate: PairRule | None = None
 
 
-# --------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------- combination
 
 
-def _sq(x: Tensor) -> Tensor:
-    """Squared norm of each sample's slice (float32 pairwise sums are accurate enough for
-    one layer; layers are accumulated in float64 by the engine)."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square_()
+def uses_ghost(rule: LayerRule, module: nn.Module, pass_: Pass, passes: int, mode: Mode) -> bool:
+    """Whether ``mode`` sends this layer to its ghost branch."""
+    if rule.ghost is None or mode == "instantiate":
+        return False
+    if mode == "ghost":
+        return True
+    return rule.prefers_ghost is not None and rule.prefers_ghost(module, pass_, passes)
 
 
 def from_deltas(deltas: dict[str, Tensor], public: dict[str, Tensor], n: int) -> LayerResult:
-    r"""A result holding the layer's :math:`\Delta_i` (``n`` first) until the factors are known."""
+    r"""A result holding the layer's :math:`\Delta_i` until the factors are known.
+
+    Squared norms are float32 sums per layer (pairwise summation); the engine accumulates
+    layers in float64.
+    """
     flat = {k: v.reshape(n, -1) for k, v in deltas.items()}
     values = iter(flat.values())
     sq_norms = torch.linalg.vector_norm(next(values), dim=1).square_()
@@ -135,21 +169,34 @@ def from_deltas(deltas: dict[str, Tensor], public: dict[str, Tensor], n: int) ->
     return LayerResult(sq_norms, public, flat)
 
 
-def instantiate(per_sample: PerSample, pair: Pair) -> LayerResult:
-    r"""Materialise :math:`\Delta_i = S(A^f_i, G^f_i) + S(A^p_i, G^p_i)` for the layer."""
+def combine(full: dict[str, Tensor], public: dict[str, Tensor] | None, n: int) -> LayerResult:
+    r""":math:`\Delta_i = S_f + S_p` and :math:`\sum_i h_i = -\sum_i S_p` from per-sample grads."""
+    if public is None:
+        return from_deltas(full, {}, n)
+    sums = {k: v.sum(0).neg_() for k, v in public.items()}
+    return from_deltas({k: v + public[k] for k, v in full.items()}, sums, n)
+
+
+def layer_result(
+    rule: LayerRule, module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode
+) -> LayerResult:
+    """Norms and sums of one layer from both passes (ghost or instantiate, see module doc)."""
+    passes = 1 if pair.public is None else 2
+    if uses_ghost(rule, module, pair.full, passes, mode):
+        assert rule.ghost is not None
+        return rule.ghost(module, pair, names)
     n = pair.full.n
+    if rule.instantiate is not None and pair.public is not None:
+        return rule.instantiate(module, pair, names)
     if pair.stacked is not None:
-        both = per_sample(pair.stacked)
-        public = {k: v[n:].sum(0).neg_() for k, v in both.items()}
-        return from_deltas({k: v[:n] + v[n:] for k, v in both.items()}, public, n)
-    deltas = per_sample(pair.full)
-    public: dict[str, Tensor] = {}
-    if pair.public is not None:
-        pub = per_sample(pair.public)
-        public = {k: v.sum(0).neg_() for k, v in pub.items()}
-        deltas = {k: v + pub[k] for k, v in deltas.items()}
-        del pub
-    return from_deltas(deltas, public, pair.full.n)
+        both = rule.per_sample(module, pair.stacked, names)
+        return combine({k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}, n)
+    full = rule.per_sample(module, pair.full, names)
+    public = None if pair.public is None else rule.per_sample(module, pair.public, names)
+    return combine(full, public, n)
+
+
+# ------------------------------------------------------------------------ ghost norms
 
 
 def _gram_dot(a1: Tensor, a2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
@@ -192,31 +239,59 @@ class LinearForm:
     ``rows_a(x)`` maps a captured input ``(n, ...)`` to ``(n * groups, R, d)`` and
     ``rows_g(g)`` an output gradient to ``(n * groups, R, p)``; the per-group gradient
     ``(p, d)`` reshapes to ``weight_shape``. ``bias_of(g)`` is the per-sample bias gradient
-    ``(n, out)``. ``direct(x, g)``, when given, computes the per-sample weight gradients
-    ``(n, *weight_shape)`` without forming rows (convolutions with overlapping windows).
+    ``(n, out)``. ``rows(pass_)`` is ``R``. ``direct(x, g)``, when given, computes the
+    per-sample weight gradients ``(n, *weight_shape)`` without forming rows (convolutions
+    with overlapping windows).
     """
 
     rows_a: Callable[[Tensor], Tensor]
     rows_g: Callable[[Tensor], Tensor]
     bias_of: Callable[[Tensor], Tensor]
+    rows: Callable[[Pass], int]
     groups: int
     weight_shape: tuple[int, ...]
-    rows: int  # R: rows per sample and pass
     d: int
     p: int
     direct: Callable[[Tensor, Tensor], Tensor] | None = None
 
-    def weight_grads(self, pass_: Pass, into: Tensor | None = None) -> Tensor:
-        """Per-sample weight gradients of one pass, added to ``into`` (in place) if given."""
-        x, g = pass_.inputs[0], pass_.grad
-        if self.direct is not None:
-            grads = self.direct(x, g)
-            return grads if into is None else into.add_(grads)
-        a, gt = self.rows_a(x), self.rows_g(g).transpose(1, 2)
-        if into is None:
-            return torch.bmm(gt, a).view(pass_.n, *self.weight_shape)
-        into.view(-1, self.p, self.d).baddbmm_(gt, a)
-        return into
+    def per_sample(self, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
+        x, g, n = pass_.inputs[0], pass_.grad, pass_.n
+        out = {}
+        if "weight" in names:
+            if self.direct is not None:
+                out["weight"] = self.direct(x, g)
+            else:
+                gt, a = self.rows_g(g).transpose(1, 2), self.rows_a(x)
+                if pass_.alloc is None:
+                    grads = torch.bmm(gt, a)
+                else:
+                    grads = torch.bmm(gt, a, out=pass_.alloc((a.shape[0], self.p, self.d), a))
+                out["weight"] = grads.view(n, *self.weight_shape)
+        if "bias" in names:
+            out["bias"] = self.bias_of(g)
+        return out
+
+    def instantiate(self, pair: Pair, names: frozenset[str]) -> LayerResult:
+        r""":math:`\Delta_i` of a pair: the public pass's per-sample gradients first, then the
+        full pass accumulated into them by one batched GEMM (``baddbmm``), which saves two
+        passes over the ``n x P`` buffer compared with adding two materialised halves."""
+        assert pair.public is not None
+        n, out = pair.full.n, self.per_sample(pair.public, names)
+        public = {k: v.sum(0).neg_() for k, v in out.items()}
+        if "weight" in names:
+            x, g = pair.full.inputs[0], pair.full.grad
+            if self.direct is not None:
+                out["weight"] += self.direct(x, g)
+            else:
+                grads = out["weight"].view(-1, self.p, self.d)
+                grads.baddbmm_(self.rows_g(g).transpose(1, 2), self.rows_a(x))
+        if "bias" in names:
+            out["bias"] = out["bias"] + self.bias_of(pair.full.grad)
+        return from_deltas(out, public, n)
+
+    def prefers_ghost(self, pass_: Pass, passes: int) -> bool:
+        rows = self.rows(pass_) * passes
+        return self.p * self.d > GHOST_MEMORY_RATIO * rows * (self.d + self.p)
 
     def weighted_sum(self, a: Tensor, g: Tensor, weights: Tensor | None) -> Tensor:
         r""":math:`\sum_i w_i G_i^\top A_i` over rows (``weights`` None: all ones)."""
@@ -229,89 +304,67 @@ class LinearForm:
         g = g.reshape(-1, k, g.shape[1], self.p).transpose(0, 1).reshape(k, -1, self.p)
         return torch.bmm(g.transpose(1, 2), a).reshape(self.weight_shape)
 
-
-def _instantiate_linear(form: LinearForm, pair: Pair, names: frozenset[str]) -> LayerResult:
-    r""":math:`\Delta_i` materialised: public-pass gradients first, then the full pass is
-    accumulated into them by one batched GEMM (``baddbmm``)."""
-    n = pair.full.n
-    deltas: dict[str, Tensor] = {}
-    public: dict[str, Tensor] = {}
-    if "weight" in names:
-        if pair.public is None:
-            deltas["weight"] = form.weight_grads(pair.full)
-        else:
-            grads = form.weight_grads(pair.public)
-            public["weight"] = grads.sum(0).neg_()
-            deltas["weight"] = form.weight_grads(pair.full, into=grads)
-    if "bias" in names:
-        if pair.stacked is not None:
-            both = form.bias_of(pair.stacked.grad)
-            bias, bias_p = both[:n], both[n:]
-        else:
-            bias = form.bias_of(pair.full.grad)
-            bias_p = None if pair.public is None else form.bias_of(pair.public.grad)
-        if bias_p is not None:
-            public["bias"] = bias_p.sum(0).neg_()
-            bias = bias + bias_p
-        deltas["bias"] = bias
-    return from_deltas(deltas, public, n)
-
-
-def linear_form_result(form: LinearForm, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
-    """Instantiate or ghost a linear-form layer (see the module docstring for the choice)."""
-    rows = form.rows * (1 if pair.public is None else 2)
-    ghost = mode == "ghost" or (mode == "auto" and form.p * form.d > rows * (form.d + form.p))
-    if not ghost:
-        return _instantiate_linear(form, pair, names)
-    n = pair.full.n
-    af, gf = form.rows_a(pair.full.inputs[0]), form.rows_g(pair.full.grad)
-    ap = gp = None
-    if pair.public is not None:
-        ap, gp = form.rows_a(pair.public.inputs[0]), form.rows_g(pair.public.grad)
-    sq = torch.zeros(n, dtype=torch.float64, device=gf.device)
-    if "weight" in names:
-        sq = sq + ghost_sq_norms(af, gf, ap, gp).view(n, form.groups).sum(1)
-    public: dict[str, Tensor] = {}
-    bias = form.bias_of(pair.full.grad)
-    if pair.public is not None:
-        bias_p = form.bias_of(pair.public.grad)
-        if "bias" in names:
-            public["bias"] = -bias_p.sum(0)
-        bias = bias + bias_p
-    if "bias" in names:
-        sq = sq + _sq(bias).double()
-    if ap is not None and gp is not None and "weight" in names:
-        public["weight"] = -form.weighted_sum(ap, gp, None)
-
-    def private(factors: Tensor) -> dict[str, Tensor]:
-        out = {}
+    def ghost(self, pair: Pair, names: frozenset[str]) -> LayerResult:
+        """Ghost norms; the rows stay alive until the weighted sums are taken."""
+        n = pair.full.n
+        af, gf = self.rows_a(pair.full.inputs[0]), self.rows_g(pair.full.grad)
+        ap = gp = None
+        if pair.public is not None:
+            ap, gp = self.rows_a(pair.public.inputs[0]), self.rows_g(pair.public.grad)
+        sq = torch.zeros(n, dtype=torch.float64, device=gf.device)
         if "weight" in names:
-            weight = form.weighted_sum(af, gf, factors)
-            if ap is not None and gp is not None:
-                weight = weight + form.weighted_sum(ap, gp, factors)
-            out["weight"] = weight
+            sq += ghost_sq_norms(af, gf, ap, gp).view(n, self.groups).sum(1)
+        public: dict[str, Tensor] = {}
+        bias = self.bias_of(pair.full.grad)
+        if pair.public is not None:
+            bias_p = self.bias_of(pair.public.grad)
+            if "bias" in names:
+                public["bias"] = bias_p.sum(0).neg_()
+            bias = bias + bias_p
         if "bias" in names:
-            out["bias"] = torch.tensordot(factors.to(bias.dtype), bias, dims=1)
-        return out
+            sq += torch.linalg.vector_norm(bias, dim=1).double().square_()
+        if ap is not None and gp is not None and "weight" in names:
+            public["weight"] = self.weighted_sum(ap, gp, None).neg_()
 
-    return LayerResult(sq, public, {}, private)
+        def weighted(factors: Tensor) -> dict[str, Tensor]:
+            out = {}
+            if "weight" in names:
+                weight = self.weighted_sum(af, gf, factors)
+                if ap is not None and gp is not None:
+                    weight = weight + self.weighted_sum(ap, gp, factors)
+                out["weight"] = weight
+            if "bias" in names:
+                out["bias"] = factors.to(bias.dtype) @ bias
+            return out
+
+        return LayerResult(sq, public, {}, weighted)
 
 
-def _linear(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+def linear_form_rule(form_of: Callable[[nn.Module], LinearForm], **kwargs: Any) -> LayerRule:
+    """A rule for a layer seen as a :class:`LinearForm` (``form_of(module)``)."""
+    return LayerRule(
+        per_sample=lambda module, pass_, names: form_of(module).per_sample(pass_, names),
+        params=frozenset({"weight", "bias"}),
+        ghost=lambda module, pair, names: form_of(module).ghost(pair, names),
+        prefers_ghost=lambda module, pass_, passes: form_of(module).prefers_ghost(pass_, passes),
+        instantiate=lambda module, pair, names: form_of(module).instantiate(pair, names),
+        **kwargs,
+    )
+
+
+def _linear_form(module: nn.Module) -> LinearForm:
     """``nn.Linear`` on inputs (n, ..., d): rows are all positions of a sample."""
     p, d = module.weight.shape
-    x = pair.full.inputs[0]
-    form = LinearForm(
+    return LinearForm(
         rows_a=lambda a: a.reshape(a.shape[0], -1, d),
         rows_g=lambda g: g.reshape(g.shape[0], -1, p),
         bias_of=lambda g: g.reshape(g.shape[0], -1, p).sum(1),
+        rows=lambda pass_: max(1, pass_.grad[0].numel() // p) if pass_.n else 1,
         groups=1,
         weight_shape=(p, d),
-        rows=max(1, x[0].numel() // d) if x.shape[0] else 1,
         d=d,
         p=p,
     )
-    return linear_form_result(form, pair, names, mode)
 
 
 def _conv_padding(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
@@ -320,7 +373,7 @@ def _conv_padding(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
         return [(0, 0)] * len(module.kernel_size)
     if module.padding == "same":
         pads = []
-        for k, dil in zip(module.kernel_size, module.dilation):
+        for k, dil in zip(module.kernel_size, module.dilation, strict=True):
             total = dil * (k - 1)
             pads.append((total // 2, total - total // 2))
         return pads
@@ -345,7 +398,9 @@ def conv_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """
     x = _pad(module, x)
     nd = len(module.kernel_size)
-    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+    for i, (k, s, dil) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
         x = x.unfold(2 + i, dil * (k - 1) + 1, s)
         if dil > 1:
             x = x[..., ::dil]
@@ -357,20 +412,21 @@ def conv_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 def conv_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
     """Per-sample weight gradients (n, *weight.shape) of a convolution, by one grouped
     weight-gradient convolution with the batch folded into the groups (no unfolding)."""
-    n = x.shape[0]
+    n, weight = x.shape[0], module.weight
     x = _pad(module, x)
-    weight = module.weight
-    stacked = weight.detach().expand(n, *weight.shape).reshape(n * weight.shape[0], *weight.shape[1:])
+    shape = (n * weight.shape[0], *weight.shape[1:])
+    stacked = weight.detach().expand(n, *weight.shape).reshape(shape)
+    zeros = [0] * len(module.kernel_size)
     _, grads, _ = torch.ops.aten.convolution_backward(
         g.reshape(1, -1, *g.shape[2:]),
         x.reshape(1, -1, *x.shape[2:]),
         stacked,
         None,
         list(module.stride),
-        [0] * len(module.kernel_size),
+        zeros,
         list(module.dilation),
         False,
-        [0] * len(module.kernel_size),
+        zeros,
         n * module.groups,
         [False, True, False],
     )
@@ -386,7 +442,7 @@ def _is_tubelet(module: nn.modules.conv._ConvNd) -> bool:
     )
 
 
-def _conv(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+def _conv_form(module: nn.Module) -> LinearForm:
     """``nn.Conv1d/2d/3d``: a linear map on unfolded patches, per group."""
     k, out_channels = module.groups, module.out_channels
     d = module.in_channels // k * math.prod(module.kernel_size)
@@ -401,65 +457,71 @@ def _conv(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> L
         n = g.shape[0]
         return g.reshape(n, k, p, -1).transpose(2, 3).reshape(n * k, -1, p)
 
-    form = LinearForm(
+    return LinearForm(
         rows_a=rows_a,
         rows_g=rows_g,
         bias_of=lambda g: g.reshape(g.shape[0], out_channels, -1).sum(2),
+        rows=lambda pass_: max(1, math.prod(pass_.grad.shape[2:])),
         groups=k,
         weight_shape=tuple(module.weight.shape),
-        rows=max(1, math.prod(pair.full.grad.shape[2:])),
         d=d,
         p=p,
         direct=None if _is_tubelet(module) else partial(conv_weight_grads, module),
     )
-    return linear_form_result(form, pair, names, mode)
 
 
 # -------------------------------------------------------------------------- embedding
 
 
-def _embedding(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
-    r"""``nn.Embedding``: :math:`\lVert\Delta_i\rVert^2 = \sum_{r,s} 1[id_r = id_s]\, g_r \cdot g_s`
-    over the stacked rows (ghost), or scatter into (n, V, dim) (instantiate)."""
+def _embedding_rows(module: nn.Module, pass_: Pass) -> tuple[Tensor, Tensor]:
+    """Ids (n, R) and output gradients (n, R, dim); rows at ``padding_idx`` get no gradient."""
+    ids = pass_.inputs[0].reshape(pass_.n, -1)
+    g = pass_.grad.reshape(pass_.n, -1, module.weight.shape[1])
+    if module.padding_idx is not None:
+        g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    return ids, g
+
+
+def _embedding_per_sample(
+    module: nn.Module, pass_: Pass, names: frozenset[str]
+) -> dict[str, Tensor]:
+    """Per-sample gradients (n, V, dim): each row's gradient scattered to its id."""
     vocab, dim = module.weight.shape
+    ids, g = _embedding_rows(module, pass_)
+    n = ids.shape[0]
+    flat = (ids + vocab * torch.arange(n, device=ids.device)[:, None]).reshape(-1)
+    out = g.new_zeros(n * vocab, dim).index_add_(0, flat, g.reshape(-1, dim))
+    return {"weight": out.view(n, vocab, dim)}
 
-    def rows(pass_: Pass) -> tuple[Tensor, Tensor]:
-        ids = pass_.inputs[0].reshape(pass_.n, -1)
-        g = pass_.grad.reshape(pass_.n, -1, dim)
-        if module.padding_idx is not None:
-            g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
-        return ids, g
 
-    ids_f, g_f = rows(pair.full)
-    ids_p, g_p = rows(pair.public) if pair.public is not None else (None, None)
-    n, total = ids_f.shape[0], ids_f.shape[1] + (0 if ids_p is None else ids_p.shape[1])
-    if mode == "instantiate" or (mode == "auto" and vocab * dim <= total * total):
-
-        def per_sample(pass_: Pass) -> dict[str, Tensor]:
-            ids, g = rows(pass_)
-            flat = (ids + vocab * torch.arange(ids.shape[0], device=ids.device)[:, None]).reshape(
-                -1
-            )
-            out = g.new_zeros(ids.shape[0] * vocab, dim).index_add_(0, flat, g.reshape(-1, dim))
-            return {"weight": out.view(ids.shape[0], vocab, dim)}
-
-        return instantiate(per_sample, pair)
-
-    ids = ids_f if ids_p is None else torch.cat([ids_f, ids_p], 1)
-    g = g_f if g_p is None else torch.cat([g_f, g_p], 1)
-    g64 = g.double()
-    same = (ids[:, :, None] == ids[:, None, :]).to(torch.float64)
-    sq = (torch.bmm(g64, g64.transpose(1, 2)) * same).sum((1, 2)).clamp_min(0)
+def _embedding_ghost(module: nn.Module, pair: Pair, names: frozenset[str]) -> LayerResult:
+    r""":math:`\lVert\Delta_i\rVert^2 = \sum_{r,s} 1[id_r = id_s]\, g_r \cdot g_s` over the
+    rows of both passes (float64)."""
+    vocab, dim = module.weight.shape
+    ids, g = _embedding_rows(module, pair.full)
+    public: dict[str, Tensor] = {}
 
     def scatter(ids: Tensor, g: Tensor) -> Tensor:
         return g.new_zeros(vocab, dim).index_add_(0, ids.reshape(-1), g.reshape(-1, dim))
 
-    public = {} if ids_p is None else {"weight": -scatter(ids_p, g_p)}
+    if pair.public is not None:
+        ids_p, g_p = _embedding_rows(module, pair.public)
+        public["weight"] = scatter(ids_p, g_p).neg_()
+        ids, g = torch.cat([ids, ids_p], 1), torch.cat([g, g_p], 1)
+    g64 = g.double()
+    same = (ids[:, :, None] == ids[:, None, :]).to(torch.float64)
+    sq = (torch.bmm(g64, g64.transpose(1, 2)) * same).sum((1, 2)).clamp_min(0)
 
-    def private(factors: Tensor) -> dict[str, Tensor]:
+    def weighted(factors: Tensor) -> dict[str, Tensor]:
         return {"weight": scatter(ids, g * factors.to(g.dtype)[:, None, None])}
 
-    return LayerResult(sq, public, {}, private)
+    return LayerResult(sq, public, {}, weighted)
+
+
+def _embedding_prefers_ghost(module: nn.Module, pass_: Pass, passes: int) -> bool:
+    """Instantiation holds ``V dim`` values per sample, the Gram ``(R_f + R_p)^2``."""
+    rows = passes * (pass_.inputs[0][0].numel() if pass_.n else 1)
+    return module.weight.numel() > GHOST_MEMORY_RATIO * rows * rows
 
 
 def _embedding_refusal(module: nn.Module) -> str | None:
@@ -515,67 +577,44 @@ def _group_norm_hat(module: nn.Module, pass_: Pass) -> Tensor:
     return F.group_norm(x, groups, eps=module.eps)
 
 
-def _layer_norm(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+def _layer_norm(module: nn.Module, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
     r"""``nn.LayerNorm``: weight grad :math:`\sum_{rows} G \odot \hat x`, bias :math:`\sum G`."""
-    shape = tuple(module.normalized_shape)
-
-    def per_sample(pass_: Pass) -> dict[str, Tensor]:
-        g = pass_.grad
-        out = {}
-        if "weight" in names:
-            out["weight"] = _sum_rows(g * _layer_norm_hat(module, pass_, shape), shape)
-        if "bias" in names:
-            out["bias"] = _sum_rows(g, shape)
-        return out
-
-    return instantiate(per_sample, pair)
+    shape, g = tuple(module.normalized_shape), pass_.grad
+    out = {}
+    if "weight" in names:
+        out["weight"] = _sum_rows(g * _layer_norm_hat(module, pass_, shape), shape)
+    if "bias" in names:
+        out["bias"] = _sum_rows(g, shape)
+    return out
 
 
-def _rms_norm(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+def _rms_norm(module: nn.Module, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
     r"""``nn.RMSNorm``: weight grad :math:`\sum_{rows} G \odot x / \mathrm{rms}(x)`."""
     shape = tuple(module.normalized_shape)
-
-    def per_sample(pass_: Pass) -> dict[str, Tensor]:
-        x, g = pass_.inputs[0], pass_.grad
-        return {"weight": _sum_rows(g * F.rms_norm(x, shape, eps=module.eps), shape)}
-
-    return instantiate(per_sample, pair)
+    x_hat = F.rms_norm(pass_.inputs[0], shape, eps=module.eps)
+    return {"weight": _sum_rows(pass_.grad * x_hat, shape)}
 
 
-def _group_norm(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+def _group_norm(module: nn.Module, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
     r"""``nn.GroupNorm``: weight grad :math:`\sum_{positions} G \odot \hat x` per channel."""
-
-    def per_sample(pass_: Pass) -> dict[str, Tensor]:
-        g, n = pass_.grad, pass_.n
-        channels = module.num_channels
-        out = {}
-        if "weight" in names:
-            xhat = _group_norm_hat(module, pass_)
-            out["weight"] = (g * xhat).reshape(n, channels, -1).sum(2)
-        if "bias" in names:
-            out["bias"] = g.reshape(n, channels, -1).sum(2)
-        return out
-
-    return instantiate(per_sample, pair)
+    g, n, channels = pass_.grad, pass_.n, module.num_channels
+    out = {}
+    if "weight" in names:
+        out["weight"] = (g * _group_norm_hat(module, pass_)).reshape(n, channels, -1).sum(2)
+    if "bias" in names:
+        out["bias"] = g.reshape(n, channels, -1).sum(2)
+    return out
 
 
-def _positional(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
-    r""":class:`~maskdp.models.vit.PositionalEmbedding` (``x + weight``): per-sample grad is
-    ``G`` summed to the weight's shape."""
-    shape = tuple(module.weight.shape)
-
-    def per_sample(pass_: Pass) -> dict[str, Tensor]:
-        g = pass_.grad
-        if tuple(g.shape[g.dim() - len(shape) :]) != shape:
-            g = (
-                torch.stack([gi.sum_to_size(shape) for gi in g])
-                if g.shape[0]
-                else g.new_zeros(0, *shape)
-            )
-            return {"weight": g}
+def _positional(module: nn.Module, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
+    r""":class:`~maskdp.models.vit.PositionalEmbedding` (``x + weight``): the per-sample
+    gradient is ``G`` summed to the weight's shape."""
+    shape, g = tuple(module.weight.shape), pass_.grad
+    if tuple(g.shape[g.dim() - len(shape) :]) == shape:
         return {"weight": _sum_rows(g, shape)}
-
-    return instantiate(per_sample, pair)
+    if not pass_.n:
+        return {"weight": g.new_zeros(0, *shape)}
+    return {"weight": torch.stack([gi.sum_to_size(shape) for gi in g])}
 
 
 # ------------------------------------------------------------------- opacus fallback
@@ -593,27 +632,29 @@ def opacus_samplers() -> dict[type, Callable]:
 def _opacus_rule(sampler: Callable) -> LayerRule:
     """A rule materialising per-sample gradients with an Opacus grad sampler."""
 
-    def compute(module: nn.Module, pair: Pair, names: frozenset[str], mode: Mode) -> LayerResult:
+    def per_sample(module: nn.Module, pass_: Pass, names: frozenset[str]) -> dict[str, Tensor]:
         params = dict(module.named_parameters(recurse=False))
-
-        def per_sample(pass_: Pass) -> dict[str, Tensor]:
-            grads = sampler(module, list(pass_.inputs), pass_.grad)
-            return {k: grads[params[k]] for k in names}
-
-        return instantiate(per_sample, pair)
+        grads = sampler(module, list(pass_.inputs), pass_.grad)
+        return {k: grads[params[k]] for k in names}
 
     # Any parameter names and inputs: Opacus's sampler decides what it handles.
-    return LayerRule(compute, None, inputs=None)
+    return LayerRule(per_sample, None, inputs=None)
 
 
 RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LayerRule(_linear, frozenset({"weight", "bias"})),
-    nn.Conv1d: LayerRule(_conv, frozenset({"weight", "bias"})),
-    nn.Conv2d: LayerRule(_conv, frozenset({"weight", "bias"})),
-    nn.Conv3d: LayerRule(_conv, frozenset({"weight", "bias"})),
+    nn.Linear: linear_form_rule(_linear_form),
+    nn.Conv1d: linear_form_rule(_conv_form),
+    nn.Conv2d: linear_form_rule(_conv_form),
+    nn.Conv3d: linear_form_rule(_conv_form),
     nn.LayerNorm: LayerRule(_layer_norm, frozenset({"weight", "bias"})),
     nn.GroupNorm: LayerRule(_group_norm, frozenset({"weight", "bias"})),
-    nn.Embedding: LayerRule(_embedding, frozenset({"weight"}), _embedding_refusal),
+    nn.Embedding: LayerRule(
+        _embedding_per_sample,
+        frozenset({"weight"}),
+        ghost=_embedding_ghost,
+        prefers_ghost=_embedding_prefers_ghost,
+        refusal=_embedding_refusal,
+    ),
     PositionalEmbedding: LayerRule(_positional, frozenset({"weight"})),
 }
 if hasattr(nn, "RMSNorm"):
@@ -629,7 +670,7 @@ def _inherits_forward(module_type: type, base: type) -> bool:
     )
 
 
-def _lookup(module_type: type, table: dict[type, object]) -> tuple[type, object] | None:
+def _lookup(module_type: type, table: dict[type, Any]) -> tuple[type, Any] | None:
     for base in module_type.__mro__:
         if base in table:
             return base, table[base]
@@ -643,8 +684,8 @@ def rule_for(module_type: type) -> LayerRule | None:
     found = _lookup(module_type, RULES)
     if found is not None:
         base, rule = found
-        return rule if _inherits_forward(module_type, base) else None  # type: ignore[return-value]
+        return rule if _inherits_forward(module_type, base) else None
     found = _lookup(module_type, opacus_samplers())
     if found is not None and _inherits_forward(module_type, found[0]):
-        return _opacus_rule(found[1])  # type: ignore[arg-type]
+        return _opacus_rule(found[1])
     return None

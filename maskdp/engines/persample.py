@@ -21,6 +21,11 @@ def per_sample_norms(deltas: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(per_param, dim=1), dim=1).to(dtype)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 rows (from autocast) in fp32; other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def clipped_result(
     deltas: dict[str, Tensor],
     public: dict[str, Tensor],
@@ -29,12 +34,21 @@ def clipped_result(
     max_grad_norm: float,
     dtype: torch.dtype,
 ) -> MaskedGradient:
-    r"""The :class:`MaskedGradient` of per-sample :math:`\Delta_i` and the public sum."""
+    r"""The :class:`MaskedGradient` of per-sample :math:`\Delta_i` and the public sum.
+
+    Under autocast the rows may be bf16/fp16: the norm is that of the rounded rows, and the
+    sum :math:`\sum_i c_i \Delta_i` is taken in fp32 with autocast off, so that each
+    summed contribution has norm :math:`C` up to fp32 rounding and the rounding of the sum
+    is fp32's, not bf16's (:mod:`maskdp.precision`).
+    """
     norms = per_sample_norms(deltas, dtype)
     factors = clip_factors(norms, max_grad_norm)
-    private = {
-        name: torch.einsum("b,b...->...", factors.to(d.dtype), d) for name, d in deltas.items()
-    }
+    device = next(iter(deltas.values())).device if deltas else norms.device
+    with torch.autocast(device.type, enabled=False):
+        private = {}
+        for name, d in deltas.items():
+            d = _at_least_fp32(d)
+            private[name] = torch.einsum("b,b...->...", factors.to(d.dtype), d)
     return MaskedGradient(
         public=public, private=private, norms=norms, clip_factors=factors, loss=losses.mean()
     )

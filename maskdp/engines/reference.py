@@ -28,12 +28,15 @@ class ReferenceEngine(Engine):
 
     name = "reference"
     priority = 1000
+    autocast_safe = True  # fp32 gradients from autograd, float64 norms
 
     def _grad(self, sample: ModelInput, target: Tensor) -> tuple[list[Tensor], Tensor]:
         params = list(trainable_parameters(self.model).values())
         loss = self.loss_fn(sample(self.model), target).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], loss
+        return [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
+        ], loss
 
     def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
         if len(batch) == 0:
@@ -49,18 +52,19 @@ class ReferenceEngine(Engine):
                 deltas.append(full)
                 continue
             public, _ = self._grad(batch.public.select(i), target)
-            public_sum = [s + h for s, h in zip(public_sum, public)]
-            deltas.append([g - h for g, h in zip(full, public)])
+            public_sum = [s + h for s, h in zip(public_sum, public, strict=True)]
+            deltas.append([g - h for g, h in zip(full, public, strict=True)])
         norms = torch.stack(
             [torch.sqrt(sum((d.double() ** 2).sum() for d in delta)) for delta in deltas]
         ).to(batch.full.inputs.dtype)
         factors = clip_factors(norms, max_grad_norm)
         private = [
-            sum(c * delta[j] for c, delta in zip(factors, deltas)) for j in range(len(names))
+            sum(c * delta[j] for c, delta in zip(factors, deltas, strict=True))
+            for j in range(len(names))
         ]
         return MaskedGradient(
-            public=dict(zip(names, public_sum)),
-            private=dict(zip(names, private)),
+            public=dict(zip(names, public_sum, strict=True)),
+            private=dict(zip(names, private, strict=True)),
             norms=norms,
             clip_factors=factors,
             loss=torch.stack(losses).mean(),

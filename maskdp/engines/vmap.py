@@ -60,6 +60,7 @@ class VmapEngine(Engine):
 
     name = "vmap"
     priority = 30
+    autocast_safe = True  # persample.clipped_result reduces in fp32 with autocast off
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Trainable parameters (detached, differentiated) and everything else (constants)."""

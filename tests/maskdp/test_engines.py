@@ -36,15 +36,6 @@ CLIP = 0.5
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids oversubscription on shared CPUs (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_vit(**kw) -> nn.Module:
     torch.manual_seed(0)
     args = dict(num_classes=3, frames=4, image_size=16, tubelet_size=(2, 8, 8), dim=16, depth=1)

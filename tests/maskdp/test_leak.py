@@ -20,20 +20,18 @@ from maskdp.engines.base import MaskedGradient, engine_names, resolve_engine, tr
 from maskdp.errors import InvalidInputError, UnsupportedModelError, ViewContractError
 from maskdp.functional import make_batch, masked_gradient
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.views import CallableView, DropView, FillView, ModelInput, RandomFillView
+from maskdp.views import (
+    CallableView,
+    DropView,
+    FillView,
+    InpaintView,
+    ModelInput,
+    RandomFillView,
+)
 
 ENGINES = [n for n in engine_names() if n != "auto"]
 CLIP = 0.1
 CHANGED = [0, 2]  # records whose sensitive content differs between the two worlds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids oversubscription on shared CPUs (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def public_mean_fill(inputs: Tensor, mask: Tensor) -> Tensor:
@@ -50,6 +48,8 @@ VIEWS = {
     "random": lambda model: RandomFillView(-2.0, 2.0, seed=11),  # same seed in both worlds
     "drop": lambda model: DropView.for_model(model),
     "callable": lambda model: CallableView(public_mean_fill),
+    # temporal fill, with the per-frame public mean and the constant as fallbacks
+    "inpaint": lambda model: InpaintView("temporal", fallback=0.3),
 }
 
 
@@ -167,7 +167,7 @@ def test_vit_sensitive_content_moves_only_the_clipped_private_sum(engine, view_n
     assert torch.isfinite(b.norms).all()
 
 
-@pytest.mark.parametrize("view_name", ["fill", "random", "callable"])
+@pytest.mark.parametrize("view_name", ["fill", "random", "callable", "inpaint"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cnn_sensitive_content_moves_only_the_clipped_private_sum(engine, view_name):
     a, b = engine_pair(engine, view_name, cnn(), "huge")

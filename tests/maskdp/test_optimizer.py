@@ -38,14 +38,6 @@ from maskdp.views import FillView
 ENGINE_NAMES = [n for n in engine_names() if n != "auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)

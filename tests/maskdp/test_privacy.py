@@ -18,14 +18,6 @@ from maskdp.optimizer import MaskDPOptimizer
 from maskdp.privacy import make_private, make_private_with_epsilon
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)

@@ -1,0 +1,330 @@
+"""Measure which engine computes MaskDP gradients for which video model: docs/models.md's table.
+
+For each model (MaskDP's own and torchvision's video classifiers, randomly initialised), at
+the smallest input of a short list that the model accepts, the script
+
+1. runs :func:`maskdp.models.prepare` (BatchNorm -> GroupNorm, in-place activations off)
+   and puts the model in eval mode (dropout and stochastic depth would make every call,
+   and so every engine, compute a different random function);
+2. calls :func:`maskdp.functional.masked_gradient` on a batch of two clips with a central
+   sensitive box, once per engine: the engine either computes the gradient (``ok``, timed,
+   and compared with the ``reference`` engine's per-sample loop) or refuses the model with
+   :class:`~maskdp.errors.UnsupportedModelError` (its one-line reason is recorded);
+3. records which engine ``engine="auto"`` picks.
+
+Models listed in ``CHECK_ONLY`` are too slow for one CPU thread at the only input they
+accept (``s3d`` and ``mvit_v2_s``: 16 x 224 x 224): only each engine's ``check_support``
+is run (``--full`` runs them too).
+
+Usage::
+
+    python docs/support_table.py            # print the table
+    python docs/support_table.py --write    # also replace the table in docs/models.md
+
+Times depend on the machine and its load: they are indicative, the ok/refused pattern is
+the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS_MD = Path(__file__).resolve().parent / "models.md"
+ROOT = MODELS_MD.parent.parent
+if str(ROOT) not in sys.path:  # measure this checkout, whatever is installed
+    sys.path.insert(0, str(ROOT))
+START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+BATCH = 2
+NUM_CLASSES = 10
+REPS = 3
+CANDIDATE_INPUTS = ((4, 16, 16), (8, 32, 32), (8, 64, 64), (16, 112, 112), (16, 224, 224))
+FLOAT64_RECHECK = 1e-4  # an ok engine further than this from the reference is rechecked
+CHECK_ONLY = ("s3d", "mvit_v2_s")
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models import video
+
+        return getattr(video, name)(weights=None, num_classes=NUM_CLASSES)
+
+    return build
+
+
+def _maskdp(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from maskdp import models
+
+        return getattr(models, name)(num_classes=NUM_CLASSES)
+
+    return build
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, int, int], ...]]] = {
+    # VideoViT's positional embedding fixes its input at frames=8, image_size=32 (defaults).
+    "VideoViT": (_maskdp("VideoViT"), ((8, 32, 32),)),
+    "SmallVideoCNN": (_maskdp("SmallVideoCNN"), CANDIDATE_INPUTS),
+    "r3d_18": (_torchvision("r3d_18"), CANDIDATE_INPUTS),
+    "mc3_18": (_torchvision("mc3_18"), CANDIDATE_INPUTS),
+    "r2plus1d_18": (_torchvision("r2plus1d_18"), CANDIDATE_INPUTS),
+    # s3d (final AvgPool3d(2, 7, 7)) and mvit_v2_s (fixed positional grid) need 16 x 224 x 224.
+    "s3d": (_torchvision("s3d"), ((16, 224, 224),)),
+    "swin3d_t": (_torchvision("swin3d_t"), CANDIDATE_INPUTS),
+    "mvit_v2_s": (_torchvision("mvit_v2_s"), ((16, 224, 224),)),
+}
+
+
+@dataclass
+class Cell:
+    """One engine on one model: ``ok`` (time, error vs reference), ``refused`` or ``failed``."""
+
+    status: str
+    seconds: float | None = None
+    error: float | None = None
+    reason: str = ""
+
+    def text(self) -> str:
+        if self.status == "ok":
+            shown = f"ok, {_ms(self.seconds)}" if self.seconds is not None else "ok"
+            return shown
+        if self.status == "supported":
+            return "supported (not run)"
+        return self.status
+
+
+@dataclass
+class Row:
+    model: str
+    shape: tuple[int, ...] | None
+    parameters: int
+    changes: int
+    auto: str
+    cells: dict[str, Cell] = field(default_factory=dict)
+    note: str = ""
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.0f} ms" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def smallest_input(model: nn.Module, candidates: tuple[tuple[int, int, int], ...]):
+    """The first (T, H, W) of ``candidates`` on which a forward pass of 1 clip succeeds."""
+    for shape in candidates:
+        try:
+            with torch.no_grad():
+                model(torch.rand(1, 3, *shape))
+            return shape
+        except Exception:  # noqa: BLE001 - too small for this architecture: try the next
+            continue
+    return None
+
+
+def batch(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two clips with a sensitive box over the central half of every frame."""
+    generator = torch.Generator().manual_seed(0)
+    t, h, w = shape
+    x = torch.rand(BATCH, 3, t, h, w, generator=generator)
+    mask = torch.zeros(BATCH, t, h, w, dtype=torch.bool)
+    mask[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4] = True
+    y = torch.arange(BATCH) % NUM_CLASSES
+    return x, mask, y
+
+
+def _relative_error(result, reference) -> float:
+    worst = 0.0
+    for part in ("public", "private"):
+        got, want = getattr(result, part), getattr(reference, part)
+        num = sum(float((got[k].double() - want[k].double()).norm() ** 2) for k in want) ** 0.5
+        den = sum(float(want[k].double().norm() ** 2) for k in want) ** 0.5
+        worst = max(worst, num / max(den, 1e-12))
+    return worst
+
+
+def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
+    from maskdp.engines.base import ENGINES, engine_names, resolve_engine
+    from maskdp.errors import UnsupportedModelError
+    from maskdp.functional import masked_gradient
+    from maskdp.models import prepare
+
+    build, candidates = MODELS[name]
+    torch.manual_seed(0)
+    model, changes = prepare(build())
+    model.eval()  # dropout and stochastic depth off: every engine must see the same function
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        auto = resolve_engine("auto", model).name
+    except UnsupportedModelError:
+        auto = "none"
+    engines = [e for e in engine_names() if e != "auto"]
+    check_only = name in CHECK_ONLY and not full
+    shape = candidates[0] if check_only else smallest_input(model, candidates)
+    row = Row(name, shape, parameters, len(changes), auto)
+    if shape is None:
+        row.note = "no candidate input accepted"
+        return row
+    if check_only:
+        row.note = "check_support only (too slow for one CPU thread at this size)"
+        for engine in engines:
+            try:
+                ENGINES[engine].check_support(model)
+                row.cells[engine] = Cell("supported")
+            except UnsupportedModelError as err:
+                row.cells[engine] = Cell("refused", reason=_one_line(err))
+        return row
+
+    x, mask, y = batch(shape)
+    loss = nn.CrossEntropyLoss()
+
+    def run(engine: str):
+        return masked_gradient(model, loss, x, mask, y, max_grad_norm=1.0, engine=engine)
+
+    reference = None
+    for engine in ["reference", *[e for e in engines if e != "reference"]]:
+        try:
+            result = run(engine)  # warm-up, and the numbers checked against the reference
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                run(engine)
+                times.append(time.perf_counter() - start)
+        except UnsupportedModelError as err:
+            row.cells[engine] = Cell("refused", reason=_one_line(err))
+            continue
+        except Exception as err:  # noqa: BLE001 - a bug to report, not a refusal
+            row.cells[engine] = Cell("failed", reason=f"{type(err).__name__}: {_one_line(err)}")
+            continue
+        if reference is None and engine == "reference":
+            reference = result
+        error = _relative_error(result, reference) if reference is not None else None
+        row.cells[engine] = Cell("ok", statistics.median(times), error)
+        if error is not None and error > FLOAT64_RECHECK:
+            row.cells[engine].reason = _float64_recheck(model, loss, x, mask, y, engine, error)
+    return row
+
+
+def _float64_recheck(model, loss, x, mask, y, engine: str, error: float) -> str:
+    """Tell float32 rounding from a wrong gradient: redo ``engine`` and the reference in
+    float64 (on a copy of the model)."""
+    import copy
+
+    from maskdp.functional import masked_gradient
+
+    double = copy.deepcopy(model).double()
+    results = [
+        masked_gradient(double, loss, x.double(), mask, y, max_grad_norm=1.0, engine=name)
+        for name in (engine, "reference")
+    ]
+    error64 = _relative_error(*results)
+    verdict = "float32 rounding" if error64 < 1e-9 else "a real disagreement: a bug to report"
+    return (
+        f"relative difference from the reference {error:.0e} in float32, {error64:.0e} in "
+        f"float64 ({verdict})"
+    )
+
+
+def render(rows: list[Row], *, reps: int) -> str:
+    import opacus
+    import torchvision
+
+    engines = sorted({e for row in rows for e in row.cells}, key=lambda e: (e == "reference", e))
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"Measured by `python docs/support_table.py --write` on {today}: torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, opacus "
+        f"{opacus.__version__}, Python {platform.python_version()}, CPU, "
+        f"{torch.get_num_threads()} thread. Each model is randomly initialised, passed "
+        "through `maskdp.models.prepare` and put in eval mode (no dropout or stochastic "
+        f"depth, so that every engine computes the same function); a batch of {BATCH} clips (3 channels) with a "
+        "sensitive box over the central half of every frame, `FillView(0.0)`, clipping norm 1. "
+        f"Time: median of {reps} calls of `masked_gradient` (engine set-up included) on a "
+        "shared CPU: compare within a row, not across machines. Every `ok` engine matches "
+        "the `reference` per-sample loop (largest relative difference of the public and "
+        "private sums in the last column; above 1e-4 the engine is rerun in float64 to tell "
+        "rounding from a wrong gradient, see the notes).",
+        "",
+        "| model | input T x H x W | parameters | `prepare` changes | `auto` picks | "
+        + " | ".join(engines)
+        + " | max rel. diff vs reference |",
+        "|---|---|---:|---:|---|" + "---|" * len(engines) + "---:|",
+    ]
+    notes = []
+    for row in rows:
+        shape = " x ".join(map(str, row.shape)) if row.shape else "-"
+        errors = [c.error for e, c in row.cells.items() if c.error is not None and e != "reference"]
+        worst = f"{max(errors):.0e}" if errors else "-"
+        cells = []
+        for engine in engines:
+            cell = row.cells.get(engine)
+            cells.append(cell.text() if cell else "-")
+            if cell and cell.reason:
+                status = "" if cell.status == "ok" else f" {cell.status}"
+                notes.append(f"- `{row.model}` / `{engine}`{status}: {cell.reason}")
+        if row.note:
+            notes.append(f"- `{row.model}`: {row.note}.")
+        lines.append(
+            f"| `{row.model}` | {shape} | {row.parameters / 1e6:.2f}M | {row.changes} | "
+            f"`{row.auto}` | " + " | ".join(cells) + f" | {worst} |"
+        )
+    if notes:
+        lines += [
+            "",
+            "Refusals, failures and notes (one line each, as the library words them):",
+            "",
+        ]
+        lines += notes
+    return "\n".join(lines)
+
+
+def write(table: str, path: Path = MODELS_MD) -> None:
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} lacks the markers {START} and {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{table}\n{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/models.md")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--reps", type=int, default=REPS, help="timed calls per engine")
+    parser.add_argument(
+        "--full", action="store_true", help="also run the CHECK_ONLY models (very slow on CPU)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models:
+        start = time.perf_counter()
+        rows.append(measure(name, reps=args.reps, full=args.full))
+        cells = ", ".join(f"{e}: {c.text()}" for e, c in rows[-1].cells.items())
+        print(f"{name} ({time.perf_counter() - start:.0f} s): {cells}", flush=True)
+    table = render(rows, reps=args.reps)
+    print(table)
+    if args.write:
+        write(table)
+        print(f"wrote {MODELS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
