@@ -149,7 +149,7 @@ def train_command(
         int,
         typer.Option(
             min=1,
-            help="CPU threads of torch. Default 1: the default model trains 6x faster on 1 thread than on 2 on a busy 2-core machine (benchmarks/RESULTS.md).",
+            help="CPU threads of torch. Default 1: on a shared 2-core machine the default run took 2x (idle) to 6x (busy) less time on 1 thread than on 2.",
             rich_help_panel=_OPT,
         ),
     ] = 1,
