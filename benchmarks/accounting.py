@@ -48,6 +48,9 @@ from pathlib import Path  # noqa: E402
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+
+from results_file import replace_section  # noqa: E402
 
 SECTION = "## Accounting"
 DELTA = 1e-5
@@ -339,25 +342,6 @@ def environment() -> str:
     )
 
 
-def replace_section(path: Path, body: str) -> None:
-    """Replace the ``## Accounting`` section of ``path`` (create the file if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + "\n" + body.rstrip("\n") + "\n"
-        if tail:
-            new += "\n" + tail + "\n"
-        new = new.lstrip("\n")
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -382,7 +366,7 @@ def main() -> None:
     print("\n\n".join(parts[-2:]), flush=True)
     body = "\n\n".join(parts) + "\n"
     if args.write:
-        replace_section(args.write, body)
+        replace_section(args.write, SECTION, body)
         print(f"\nwrote the {SECTION!r} section of {args.write}")
 
 

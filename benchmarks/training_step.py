@@ -54,8 +54,10 @@ from pathlib import Path  # noqa: E402
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
 
 import torch  # noqa: E402
+from results_file import replace_section  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 SECTION = "## Training step"
@@ -432,23 +434,6 @@ def report(args: argparse.Namespace, results: list[tuple[Problem, list[Row], str
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the ``## Training step`` section of ``path`` (create the file if missing)."""
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results", ""]
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    new = section.rstrip("\n").splitlines()
-    if start is None:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        lines += ["", *new]
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        lines[start:end] = [*new, ""] if end < len(lines) else new
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 # --------------------------------------------------------------------------------- main
 
 
@@ -516,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, results)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        replace_section(args.write, SECTION, text)
         print(f"wrote the '{SECTION}' section of {args.write}")
 
 

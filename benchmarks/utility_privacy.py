@@ -55,6 +55,9 @@ from typing import Any  # noqa: E402
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+
+from results_file import replace_section  # noqa: E402
 
 SECTION = "## Utility and privacy"
 EPSILONS = (0.5, 1.0, 2.0, 8.0)
@@ -474,23 +477,6 @@ def recipe_text() -> str:
     return ", ".join(f"`{k}={recipe[k]}`" for k in keys)
 
 
-def replace_section(path: Path, body: str) -> None:
-    """Replace the ``## Utility and privacy`` section of ``path`` (append it if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = "\n".join(lines[:start]) + "\n" + body.rstrip("\n") + "\n"
-        if end < len(lines):
-            new += "\n" + "\n".join(lines[end:]) + "\n"
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="train_size 512, fewer probes")
@@ -566,7 +552,7 @@ def main() -> None:
     body = "\n\n".join(p for p in parts if p) + "\n"
     print("\n" + body)
     if args.write:
-        replace_section(args.write, body)
+        replace_section(args.write, SECTION, body)
         print(f"wrote the {SECTION!r} section of {args.write}")
     if args.plot:
         plot(results, args.plot)
