@@ -31,12 +31,18 @@ _EXPORTS: dict[str, str] = {
     "pixel_to_token_mask": "maskdp.masks",
     "boxes_to_mask": "maskdp.masks",
     # mechanism
-    "MaskedGradient": "maskdp.engines.base",
+    "MaskedGradient": "maskdp.functional",
+    "InpaintView": "maskdp.views",
     "masked_gradient": "maskdp.functional",
     "MaskDPOptimizer": "maskdp.optimizer",
     "make_private": "maskdp.privacy",
     "make_private_with_epsilon": "maskdp.privacy",
     "validate_model": "maskdp.validate",
+    # secret randomness and the one sampler
+    "SecretRandomness": "maskdp.randomness",
+    "InsecureSeededRandomness": "maskdp.randomness",
+    "poisson_sample": "maskdp.sampling",
+    "MaskDPDataLoader": "maskdp.data.poisson",
     # empirical audit (the function is `maskdp.audit.audit`: a top-level `audit` name
     # would be shadowed by the submodule of the same name once it is imported)
     "AuditResult": "maskdp.audit",

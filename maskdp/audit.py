@@ -78,19 +78,23 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from maskdp.engines.base import PerSampleLoss, trainable_parameters
-from maskdp.errors import InvalidInputError
-from maskdp.functional import check_batch, check_max_grad_norm, masked_gradient
-from maskdp.optimizer import (
-    MaskDPOptimizer,
+from maskdp.checks import (
     check_delta,
+    check_max_grad_norm,
     check_noise_multiplier,
     check_sample_rate,
 )
+from maskdp.engines.base import PerSampleLoss, trainable_parameters
+from maskdp.errors import InvalidInputError
+from maskdp.functional import check_batch, masked_gradient
+from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import InsecureSeededRandomness, Randomness, SecretRandomness
+from maskdp.sampling import poisson_sample
 from maskdp.views import PublicView
 
 Region = Literal["sensitive", "public"]
 REGIONS: tuple[str, ...] = ("sensitive", "public")
+SCORES: tuple[str, ...] = ("auto", "direction", "gated")
 OptimizerFn = Callable[[list[nn.Parameter]], Optimizer]
 ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 
@@ -287,6 +291,25 @@ def canary_score(initial: dict[str, Tensor], final: dict[str, Tensor], direction
     return float(diff @ direction)
 
 
+def _score(
+    initial: dict[str, Tensor],
+    final: dict[str, Tensor],
+    direction: Tensor,
+    gate: tuple[Tensor, float] | None,
+) -> float:
+    """The run's score; ``nan`` when a gate is given and the run does not pass it."""
+    if gate is not None and canary_score(initial, final, gate[0]) <= gate[1]:
+        return math.nan
+    return canary_score(initial, final, direction)
+
+
+def _gated_scores(scores: list[list[float]]) -> list[list[float]]:
+    """Runs that failed the gate (``nan``) get a score below every other run's."""
+    finite = [v for world in scores for v in world if math.isfinite(v)]
+    low = (min(finite) - 1.0 - (max(finite) - min(finite))) if finite else 0.0
+    return [[v if math.isfinite(v) else low for v in world] for world in scores]
+
+
 # ------------------------------------------------------------------------------ result
 
 
@@ -399,6 +422,8 @@ class _RunSettings:
     max_grad_norm: float
     sample_rate: float
     expected_batch_size: int
+    public_sample_rate: float
+    expected_public_batch_size: int
     steps: int
     view: ViewArg
     engine: str
@@ -434,7 +459,8 @@ def _worlds(
 def _contribution(
     model: nn.Module, record: tuple[Tensor, Tensor, Tensor, Tensor], settings: _RunSettings
 ) -> dict[str, Tensor]:
-    r"""One record's term :math:`h + c\Delta` of the released sum (:math:`c\,g` with protected labels)."""
+    r"""One record's terms in the released sum, in units of the private sum: :math:`h\,
+    B / B_{pub} + c\Delta` when it is in both batches (:math:`c\,g` with protected labels)."""
     x, m, y, present = record
     result = masked_gradient(
         model,
@@ -443,9 +469,11 @@ def _contribution(
         m[None],
         y[None],
         present=present[None],
+        public=None if settings.protect_labels else (x[None], m[None], y[None]),
         **settings.masked_gradient_kwargs(),
     )
-    return {n: result.public[n] + result.private[n] for n in result.private}
+    ratio = settings.expected_batch_size / settings.expected_public_batch_size
+    return {n: result.public[n] * ratio + result.private[n] for n in result.private}
 
 
 def canary_direction(
@@ -476,50 +504,109 @@ def canary_direction(
     return d / norm, norm
 
 
-def _seeds(seed: int, world: int, trial: int) -> tuple[int, int]:
-    """Independent (sampling, noise) seeds of one run."""
-    state = np.random.SeedSequence([seed, world, trial]).generate_state(2, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
-
-
-def _train_run(
+def public_direction(
     model: nn.Module,
-    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    world: tuple[Tensor, Tensor],
+    mask: Tensor,
+    targets: Tensor,
+    index: int,
     settings: _RunSettings,
-    seeds: tuple[int, int],
-) -> dict[str, Tensor]:
-    """``steps`` MaskDP-SGD steps with Poisson batches from ``data``; the final parameters.
+) -> tuple[Tensor, float]:
+    r"""Unit :math:`\hat h` and :math:`\lVert h \rVert` of the canary record's public gradient
+    at the current parameters (the same in both worlds of a sensitive canary)."""
+    x, present = world
+    result = masked_gradient(
+        model,
+        settings.loss_fn,
+        x[index : index + 1],
+        mask[index : index + 1],
+        targets[index : index + 1],
+        present=present[index : index + 1],
+        public=(x[index : index + 1], mask[index : index + 1], targets[index : index + 1]),
+        **settings.masked_gradient_kwargs(),
+    )
+    names = list(trainable_parameters(model))
+    h = torch.cat([result.public[k].detach().double().flatten() for k in names])
+    norm = float(h.norm())
+    if not norm > 0:
+        raise InvalidInputError("the canary record has no public gradient to gate on")
+    return h / norm, norm
 
-    ``data`` is ``(inputs, masks, targets, present)``; the model starts wherever it is.
-    """
-    inputs, mask, targets, present = data
-    sampler = torch.Generator().manual_seed(seeds[0])
-    params = trainable_parameters(model)
+
+def _audit_optimizer(
+    model: nn.Module, settings: _RunSettings, seed: int | None
+) -> tuple[MaskDPOptimizer, Randomness]:
+    """One optimizer reused by every run (its inner state is reset per run), and the
+    public batch's randomness."""
+    private, public = _randomness(seed)
     optimizer = MaskDPOptimizer(
-        settings.optimizer_fn(list(params.values())),
+        settings.optimizer_fn(list(trainable_parameters(model).values())),
         model=model,
         loss_fn=settings.loss_fn,
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
         expected_batch_size=settings.expected_batch_size,
         sample_rate=settings.sample_rate,
+        expected_public_batch_size=settings.expected_public_batch_size,
         view=settings.view,
         engine=settings.engine,
         protect_labels=settings.protect_labels,
-        noise_generator=torch.Generator().manual_seed(seeds[1]),
+        randomness=private,
     )
-    try:
-        for _ in range(settings.steps):
-            optimizer.zero_grad()
-            take = (torch.rand(len(inputs), generator=sampler) < settings.sample_rate).to(
-                inputs.device
-            )
-            if bool(take.any()):
-                optimizer.backward(inputs[take], mask[take], targets[take], present=present[take])
-            optimizer.step()
-    finally:
-        optimizer.close()
-    return {k: p.detach().clone() for k, p in params.items()}
+    return optimizer, public
+
+
+def _randomness(seed: int | None) -> tuple[Randomness, Randomness]:
+    """(private, public) randomness of the audit: secret, or replayable from ``seed``.
+
+    A seeded audit is an offline test of the mechanism, never a training run: its warning
+    is silenced here on purpose.
+    """
+    if seed is None:
+        return SecretRandomness(), SecretRandomness()
+    state = np.random.SeedSequence([seed]).generate_state(2, dtype=np.uint64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(InsecureSeededRandomness(int(v >> np.uint64(1))) for v in state)
+
+
+def step_batches(
+    n: int, settings: _RunSettings, private: Randomness, public: Randomness
+) -> tuple[Tensor, Tensor]:
+    """Indices of one step's private Poisson batch and of its independent public batch."""
+    return (
+        poisson_sample(n, settings.sample_rate, randomness=private),
+        poisson_sample(n, settings.public_sample_rate, randomness=public),
+    )
+
+
+def _train_run(
+    optimizer: MaskDPOptimizer,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    settings: _RunSettings,
+    public_randomness: Randomness,
+) -> dict[str, Tensor]:
+    """``steps`` MaskDP-SGD steps with Poisson batches from ``data``; the final parameters.
+
+    ``data`` is ``(inputs, masks, targets, present)``; the model starts wherever it is.
+    """
+    inputs, mask, targets, present = data
+    for _ in range(settings.steps):
+        take, public = (
+            i.to(inputs.device)
+            for i in step_batches(len(inputs), settings, optimizer.randomness, public_randomness)
+        )
+        optimizer.backward(
+            inputs[take],
+            mask[take],
+            targets[take],
+            public=None
+            if settings.protect_labels
+            else (inputs[public], mask[public], targets[public]),
+            present=present[take],
+        )
+        optimizer.step()
+    return {k: p.detach().clone() for k, p in trainable_parameters(optimizer.model).items()}
 
 
 def _check_calibration(trials: int, fraction: Any, threshold: Any) -> int:
@@ -570,6 +657,9 @@ def audit(
     confidence: float = 0.95,
     accountant: str = "rdp",
     seed: int = 0,
+    public_sample_rate: float | None = None,
+    public_scale: float | None = None,
+    score: str = "auto",
 ) -> AuditResult:
     r"""Audit MaskDP-SGD with a canary in ``canary_region``; see the module docstring.
 
@@ -599,8 +689,20 @@ def audit(
             (ignored when ``threshold`` is given; all runs are then evaluated).
         delta, confidence: of the lower bound; ``accountant`` (``"rdp"``, ``"prv"``): for
             ``epsilon_theory``.
-        seed: seeds the initial model, the default pattern, and every run's sampling and
-            noise (independent streams per world and run).
+        seed: seeds the initial model, the default pattern, and the runs' sampling and
+            noise (replayable: an audit is a test, never a training run).
+        public_sample_rate: rate of the independent public batch (default ``sample_rate``).
+        public_scale: when given, the canary record's *public* pixels become a seeded
+            :math:`\pm` ``public_scale`` texture in both worlds, so that its public gradient
+            :math:`h` is large: the target of the subsampled audit, where a release that
+            shows whether the record was sampled would be seen.
+        score: ``"direction"`` reads the update along :math:`\hat d`; ``"gated"`` reads it
+            only in runs where the update's component along the record's own public
+            gradient :math:`\hat h` exceeds half of what one plain SGD step at
+            ``learning_rate`` would give it (the record "looks sampled"), and puts the other
+            runs below every threshold. A mechanism whose public term came from the private
+            batch shows its unamplified Gaussian there. ``"auto"``: gated for a sensitive
+            canary with ``sample_rate < 1``, direction otherwise.
     """
     from accounting.ledger import ACCOUNTANTS
 
@@ -613,7 +715,17 @@ def audit(
     d = check_delta(delta)
     conf = _check_confidence(confidence)
     seed = _check_count("seed", seed)
+    q_pub = (
+        q
+        if public_sample_rate is None
+        else check_sample_rate(public_sample_rate, "public_sample_rate")
+    )
     calibration = _check_calibration(trials, calibration_fraction, threshold)
+    if score not in SCORES:
+        raise InvalidInputError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "auto":
+        gated = q < 1 and canary_region == "sensitive" and not protect_labels
+        score = "gated" if gated else "direction"
     if canary_region not in REGIONS:
         raise InvalidInputError(f"canary_region must be one of {REGIONS}, got {canary_region!r}")
     if accountant not in ACCOUNTANTS:
@@ -638,6 +750,12 @@ def audit(
         canary_pattern = rademacher_pattern(inputs.shape[1:], scale=scale, seed=seed)
     elif not isinstance(canary_pattern, Tensor):
         raise InvalidInputError("canary_pattern must be a tensor (C, T, H, W) or None")
+    if public_scale is not None:
+        texture = rademacher_pattern(
+            inputs.shape[1:], scale=_check_positive("public_scale", public_scale), seed=seed + 1
+        )
+        inputs = inputs.clone()
+        inputs[index] = plant_canary(inputs[index], mask[index], texture, region="public")
     canary = plant_canary(inputs[index], mask[index], canary_pattern, region=canary_region)
     theory = theory_epsilon(
         sample_rate=q, noise_multiplier=sigma, steps=steps, delta=d, accountant=accountant
@@ -649,6 +767,8 @@ def audit(
         max_grad_norm=clip,
         sample_rate=q,
         expected_batch_size=max(1, round(q * n)),
+        public_sample_rate=q_pub,
+        expected_public_batch_size=max(1, round(q_pub * n)),
         steps=steps,
         view=view,
         engine=engine,
@@ -675,17 +795,28 @@ def audit(
             RuntimeWarning,
             stacklevel=2,
         )
+    gate = None
+    if score == "gated":
+        gate = public_direction(model, worlds[1], mask, targets, index, settings)
+        gate = (gate[0], learning_rate * gate[1] / (2 * settings.expected_public_batch_size))
     scores: list[list[float]] = [[], []]
-    try:
-        for world, (x_w, present_w) in enumerate(worlds):
-            for trial in range(trials):
-                model.load_state_dict(initial_state)
-                final = _train_run(
-                    model, (x_w, mask, targets, present_w), settings, _seeds(seed, world, trial)
-                )
-                scores[world].append(canary_score(initial, final, direction))
-    finally:
-        model.load_state_dict(initial_state)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the model's own random draws (dropout), replayable too
+        optimizer, public_randomness = _audit_optimizer(model, settings, seed)
+        inner_state = optimizer.original_optimizer.state_dict()
+        try:
+            for world, (x_w, present_w) in enumerate(worlds):
+                for _ in range(trials):
+                    model.load_state_dict(initial_state)
+                    optimizer.original_optimizer.load_state_dict(inner_state)
+                    final = _train_run(
+                        optimizer, (x_w, mask, targets, present_w), settings, public_randomness
+                    )
+                    scores[world].append(_score(initial, final, direction, gate))
+        finally:
+            optimizer.close()
+            model.load_state_dict(initial_state)
+    scores = _gated_scores(scores)
 
     # ---- threshold on the calibration runs, counts on the others
     s_out, s_in = np.asarray(scores[0]), np.asarray(scores[1])
@@ -712,3 +843,40 @@ def audit(
         scores_in=tuple(float(s) for s in s_in),
         scores_out=tuple(float(s) for s in s_out),
     )
+
+
+# ------------------------------------------------------------------- a ready audit target
+
+
+class _LinearProbe(nn.Module):
+    """A linear classifier on flattened clips: the smallest model a canary can steer."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.flatten(1))
+
+
+def _squared_output(outputs: Tensor, targets: Tensor) -> Tensor:
+    """:math:`\\lVert f(x) \\rVert^2 / 2` per sample: a loss whose gradient never saturates."""
+    return outputs.pow(2).sum(1) / 2
+
+
+def subsampled_target(
+    records: int = 10,
+) -> tuple[Callable[[], nn.Module], tuple[Tensor, Tensor, Tensor], PerSampleLoss]:
+    """``(model_fn, dataset, loss_fn)`` for a subsampled audit that can see the public term.
+
+    ``records`` tiny clips (1 x 2 x 2 x 2, first frame sensitive) of small content, a linear
+    model and a loss whose gradient grows with the input (no softmax saturation), so that
+    with ``public_scale`` the canary record's public gradient dominates the update: a
+    mechanism that released it only when the record is in the private batch shows it.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(records, 1, 2, 2, 2, generator=gen) * 0.1
+    m = torch.zeros(records, 2, 2, 2, dtype=torch.bool)
+    m[:, 0] = True
+    y = torch.randint(0, 2, (records,), generator=gen)
+    return (lambda: _LinearProbe(8, 2)), (x, m, y), _squared_output

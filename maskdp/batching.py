@@ -1,22 +1,23 @@
-r"""Virtual batches: one logical (Poisson) batch processed in micro-batches that fit in memory.
+r"""Virtual batches: one logical step's batches processed in micro-batches that fit in memory.
 
 :meth:`MaskDPOptimizer.backward <maskdp.optimizer.MaskDPOptimizer.backward>` adds the
-clipped sum :math:`\sum_i h_i + \sum_i c_i \Delta_i` of each call to an accumulator and
-:meth:`~maskdp.optimizer.MaskDPOptimizer.step` releases the accumulated sum once: noise
-:math:`N(0, \sigma^2 C^2 I)` is added once, the division is by the expected batch size, and
-one step is accounted. Clipping is per record, so the sum over micro-batches equals the
-sum over the whole batch: a step over micro-batches is the step over the logical batch (up
-to floating-point summation order). The micro-batches of one step must together be ONE
-Poisson sample; never call ``step`` between them::
+clipped private sum :math:`\sum_P c_i \Delta_i` and the public sum :math:`\sum_U h_j` of
+each call to accumulators and :meth:`~maskdp.optimizer.MaskDPOptimizer.step` releases them
+once: noise is added once, the divisions are by the expected batch sizes, and one step is
+accounted. Clipping is per record, so the sums over micro-batches equal the sums over the
+whole batches: a step over micro-batches is the step over the logical batches (up to
+floating-point summation order). The private micro-batches of one step must together be
+ONE Poisson sample; never call ``step`` between them::
 
-    optimizer.zero_grad()
-    loss = backward_in_micro_batches(optimizer, x, m, y, max_physical_batch_size=16)
+    loss = backward_in_micro_batches(optimizer, *private, public=public,
+                                     max_physical_batch_size=16)
     optimizer.step()
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import zip_longest
 from typing import Protocol
 
 from torch import Tensor
@@ -26,7 +27,13 @@ from maskdp.errors import InvalidInputError
 
 class _Accumulates(Protocol):
     def backward(
-        self, inputs: Tensor, mask: Tensor, targets: Tensor, *, present: Tensor | None = None
+        self,
+        inputs: Tensor,
+        mask: Tensor,
+        targets: Tensor,
+        *,
+        public: Sequence[Tensor] | None = None,
+        present: Tensor | None = None,
     ) -> Tensor: ...
 
 
@@ -71,18 +78,34 @@ def backward_in_micro_batches(
     targets: Tensor,
     *,
     max_physical_batch_size: int,
+    public: Sequence[Tensor] | None = None,
     present: Tensor | None = None,
 ) -> Tensor:
-    """``optimizer.backward`` on each micro-batch; the mean per-record loss of the batch.
+    """``optimizer.backward`` on each micro-batch of the private and the public batch.
 
-    The loss, like :meth:`MaskDPOptimizer.backward`'s, is computed from sensitive content
-    without noise: for debugging only, not private.
+    Returns the mean public-view loss of the public batch (``nan`` without one): a public
+    figure. Nothing computed from the private batch is returned.
     """
-    total, count = inputs.new_zeros(()), 0
-    for x, m, y, part in iterate_micro_batches(
+    private_parts = iterate_micro_batches(
         inputs, mask, targets, max_physical_batch_size=max_physical_batch_size, present=present
-    ):
-        loss = optimizer.backward(x, m, y, present=part)
-        total = total + loss.detach().to(total.dtype) * len(x)
-        count += len(x)
-    return total / max(count, 1)
+    )
+    if public is None:
+        for x, m, y, part in private_parts:
+            optimizer.backward(x, m, y, present=part)
+        return inputs.new_full((), float("nan"))
+    px, pm, py = public
+    public_parts = iterate_micro_batches(
+        px, pm, py, max_physical_batch_size=max_physical_batch_size
+    )
+    empty_private = (inputs[:0], mask[:0], targets[:0], None)
+    empty_public = (px[:0], pm[:0], py[:0], None)
+    total, count = px.new_zeros(()), 0
+    pairs = zip_longest(private_parts, public_parts, fillvalue=None)
+    for private_part, public_part in pairs:
+        x, m, y, part = empty_private if private_part is None else private_part
+        ux, um, uy, _ = empty_public if public_part is None else public_part
+        loss = optimizer.backward(x, m, y, public=(ux, um, uy), present=part)
+        if len(uy):
+            total = total + loss.detach().to(total.dtype) * len(uy)
+            count += len(uy)
+    return total / count if count else px.new_full((), float("nan"))

@@ -1,38 +1,74 @@
 r"""``masked_gradient``: the deterministic core of MaskDP-SGD (no noise).
 
-For records :math:`(x_i, m_i, y_i)` it returns :math:`\sum_i h_i` (public gradients) and
-:math:`\sum_i c_i \Delta_i` (clipped sensitive contributions), see DESIGN.md section 3 and
-:mod:`maskdp.engines.base`.
+One step of DESIGN.md section 3 uses two batches drawn independently of each other:
+
+- the **private** Poisson batch :math:`P`: for each record the full gradient :math:`g_i`
+  and the public gradient :math:`h_i` give :math:`\Delta_i = g_i - h_i`, clipped to
+  :math:`c_i \Delta_i` (an engine, :mod:`maskdp.engines`); only
+  :math:`\sum_{i \in P} c_i \Delta_i` leaves this module, never a sum of the :math:`h_i`
+  of :math:`P` (it would reveal which records were sampled);
+- the **public** batch :math:`U`: :math:`\sum_{j \in U} h_j`, one ordinary backward over
+  the public views (:func:`public_gradient`). It depends on public content and on
+  sampling randomness independent of :math:`P` only, so releasing it is post-processing.
+
+Nothing here raises or branches on the content of the private batch: a record whose
+:math:`\Delta_i` is not finite contributes zero (:func:`maskdp.engines.base.clip_factors`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from maskdp.engines.base import MaskedBatch, MaskedGradient, PerSampleLoss, resolve_engine
+from maskdp.checks import check_max_grad_norm
+from maskdp.engines.base import (
+    MaskedBatch,
+    PerSampleLoss,
+    accumulation_dtype,
+    resolve_engine,
+    trainable_parameters,
+)
 from maskdp.errors import InvalidInputError
 from maskdp.masks import check_pixel_mask
-from maskdp.validate import validate_model
+from maskdp.validate import ModelGuard, validate_model
 from maskdp.views import PublicView, as_view, with_absent
 
+Records = Sequence[Tensor]  # (inputs (N, C, T, H, W), mask (N, T, H, W), targets (N,))
 
-def check_max_grad_norm(max_grad_norm: float) -> float:
-    if (
-        isinstance(max_grad_norm, bool)
-        or not isinstance(max_grad_norm, (int, float))
-        or not math.isfinite(max_grad_norm)
-        or max_grad_norm <= 0
-    ):
-        raise InvalidInputError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-    return float(max_grad_norm)
+
+@dataclass(frozen=True)
+class MaskedGradient:
+    r"""The two sums of one step before noise.
+
+    ``public``: :math:`\sum_{j \in U} h_j` over the public batch (zeros without one);
+    ``private``: :math:`\sum_{i \in P} c_i \Delta_i`; ``norms`` and ``clip_factors``:
+    :math:`\lVert \Delta_i \rVert` and :math:`c_i` of the private batch (float64; computed
+    from sensitive content without noise: for tests and debugging, never to be shown);
+    ``public_loss``: the summed public-view loss over :math:`U` (public), and
+    ``public_count`` = :math:`|U|`.
+    """
+
+    public: dict[str, Tensor]
+    private: dict[str, Tensor]
+    norms: Tensor
+    clip_factors: Tensor
+    public_loss: Tensor
+    public_count: int
+
+    def total(self) -> dict[str, Tensor]:
+        r""":math:`\sum_U h_j + \sum_P c_i \Delta_i` per parameter (equal batch divisors)."""
+        return {name: self.public[name] + self.private[name] for name in self.private}
 
 
 def check_batch(inputs: Tensor, mask: Tensor, targets: Tensor) -> None:
-    """Shapes, dtypes and finiteness of one batch; raises :class:`InvalidInputError`."""
+    """Shapes and dtypes of one batch; raises :class:`InvalidInputError`.
+
+    Values are never inspected: whether a private record's content is finite must not
+    change what the code does (a non-finite record contributes zero instead).
+    """
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         raise InvalidInputError(
             f"inputs must be a floating-point tensor (N, C, T, H, W), got "
@@ -44,8 +80,20 @@ def check_batch(inputs: Tensor, mask: Tensor, targets: Tensor) -> None:
             f"targets must be a tensor with one entry per clip ({inputs.shape[0]}), got "
             f"{getattr(targets, 'shape', type(targets).__name__)}"
         )
-    if inputs.numel() and not torch.isfinite(inputs).all():
-        raise InvalidInputError("inputs contain NaN or inf values")
+
+
+def as_records(batch: Records | None, name: str) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(inputs, mask, targets)`` from a 3-sequence of tensors (a collated batch), checked."""
+    if batch is None:
+        return None
+    if isinstance(batch, Tensor) or not isinstance(batch, Sequence) or len(batch) != 3:
+        raise InvalidInputError(
+            f"{name} must be a batch (inputs, mask, targets) of three tensors, got "
+            f"{type(batch).__name__}"
+        )
+    inputs, mask, targets = batch
+    check_batch(inputs, mask, targets)
+    return inputs, mask, targets
 
 
 def _present_rows(present: Tensor, size: int) -> Tensor:
@@ -66,11 +114,14 @@ def make_batch(
     *,
     protect_labels: bool = False,
     present: Tensor | None = None,
+    guard: ModelGuard | None = None,
 ) -> MaskedBatch:
-    """The full and public passes of a batch (``present[i] = False`` erases record i).
+    """The full and public passes of a private batch (``present[i] = False`` erases record i).
 
     With ``protect_labels`` the whole record is the privacy unit, so an erased record is
-    removed from the batch; otherwise it stays and is seen as its public view.
+    removed from the batch; otherwise it stays and is seen as its public view. ``guard``
+    probes the model on the batch's public view: it refuses buffers that change and tells
+    whether the model draws random numbers (without a guard the engines assume it does).
     """
     check_batch(inputs, mask, targets)
     if protect_labels and present is not None:
@@ -79,7 +130,50 @@ def make_batch(
         inputs, mask, targets, present = inputs[keep], mask[keep], targets[keep], None
     public = view.public(inputs, mask)
     full = with_absent(view.full(inputs, mask), public, present)
-    return MaskedBatch(full=full, public=None if protect_labels else public, targets=targets)
+    random = True
+    if guard is not None and len(inputs):
+        random = guard.check(public)
+        if not protect_labels:
+            guard.refuse_unshared_randomness(full, public)
+    return MaskedBatch(
+        full=full, public=None if protect_labels else public, targets=targets, random=random
+    )
+
+
+def public_gradient(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    view: PublicView,
+    batch: tuple[Tensor, Tensor, Tensor],
+) -> tuple[dict[str, Tensor], Tensor, int]:
+    r""":math:`\sum_{j \in U} h_j` per trainable parameter, the summed loss and :math:`|U|`.
+
+    One forward and backward over the public views of the public batch; its sampling must be
+    independent of the private batch's. Public content only, so a non-finite result is an
+    error in the public data (raised), never a privacy event.
+    """
+    inputs, mask, targets = batch
+    params = trainable_parameters(model)
+    dtype = {n: accumulation_dtype(p.dtype) for n, p in params.items()}
+    if len(inputs) == 0:
+        zeros = {
+            n: torch.zeros(p.shape, dtype=dtype[n], device=p.device) for n, p in params.items()
+        }
+        return zeros, torch.zeros((), device=inputs.device), 0
+    with torch.enable_grad():
+        losses = loss_fn(view.public(inputs, mask)(model), targets)
+        total = losses.sum()
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    out = {
+        n: torch.zeros(p.shape, dtype=dtype[n], device=p.device) if g is None else g.to(dtype[n])
+        for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+    if not torch.isfinite(total) or not all(torch.isfinite(g).all() for g in out.values()):
+        raise InvalidInputError(
+            "the public batch gives a non-finite loss or gradient: its public content (or the "
+            "view's output) holds NaN, inf or values too large for the model"
+        )
+    return out, total.detach(), len(inputs)
 
 
 def masked_gradient(
@@ -90,26 +184,65 @@ def masked_gradient(
     targets: Tensor,
     *,
     max_grad_norm: float,
+    public: Records | None = None,
     view: PublicView | Callable[[Tensor, Tensor], Tensor] | None = None,
     engine: str = "auto",
     protect_labels: bool = False,
     present: Tensor | None = None,
 ) -> MaskedGradient:
-    r"""Public sum :math:`\sum_i h_i` and clipped private sum :math:`\sum_i c_i \Delta_i`.
+    r"""Public sum :math:`\sum_{j \in U} h_j` and clipped private sum :math:`\sum_{i \in P} c_i \Delta_i`.
 
-    ``mask`` is a bool pixel mask (N, T, H, W), ``True`` = sensitive. ``view`` defaults to
-    ``FillView(0.5)``. With ``protect_labels`` the public term is dropped and the full
-    gradient is clipped (plain DP-SGD). ``present`` (bool, N) marks records whose sensitive
-    content exists; an absent record is the ``erase`` neighbour and contributes
-    :math:`\Delta_i = 0` (used by tests and the audit). Deterministic; adds no noise.
+    ``(inputs, mask, targets)`` is the private batch :math:`P` (``mask`` a bool pixel mask
+    (N, T, H, W), ``True`` = sensitive); ``public`` the independent public batch :math:`U`
+    (required unless ``protect_labels``, where there is no public term and the full gradient
+    is clipped: plain DP-SGD). ``view`` defaults to ``FillView(0.5)``. ``present`` (bool, N)
+    marks private records whose sensitive content exists; an absent record is the ``erase``
+    neighbour and contributes :math:`\Delta_i = 0` (tests and the audit). Adds no noise.
     """
     validate_model(model)
     clip = check_max_grad_norm(max_grad_norm)
+    public_batch = check_public_batch(public, protect_labels)
+    view = as_view(view)
+    guard = ModelGuard(model)
     batch = make_batch(
-        as_view(view), inputs, mask, targets, protect_labels=protect_labels, present=present
+        view, inputs, mask, targets, protect_labels=protect_labels, present=present, guard=guard
     )
     engine_impl = resolve_engine(engine, model)(model, loss_fn)
     try:
-        return engine_impl.compute(batch, max_grad_norm=clip)
+        clipped = engine_impl.compute(batch, max_grad_norm=clip)
     finally:
         engine_impl.close()
+    if public_batch is None:
+        public_sum = {n: torch.zeros_like(v) for n, v in clipped.private.items()}
+        loss, count = torch.zeros((), device=inputs.device), 0
+    else:
+        public_sum, loss, count = public_gradient(model, engine_impl.loss_fn, view, public_batch)
+    return MaskedGradient(
+        public=public_sum,
+        private=clipped.private,
+        norms=clipped.norms,
+        clip_factors=clipped.clip_factors,
+        public_loss=loss,
+        public_count=count,
+    )
+
+
+def check_public_batch(
+    public: Records | None, protect_labels: bool
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The checked public batch; refuse a missing one (MaskDP) or a given one (DP-SGD)."""
+    if protect_labels:
+        if public is not None:
+            raise InvalidInputError(
+                "protect_labels=True has no public term: do not pass public= (labels and "
+                "public content are private too)"
+            )
+        return None
+    if public is None:
+        raise InvalidInputError(
+            "the public term needs its own batch: pass public=(inputs, mask, targets) drawn "
+            "independently of the private Poisson batch (make_private's loader yields it as "
+            "the second item of each step); a sum of public gradients over the private batch "
+            "would reveal which records were sampled"
+        )
+    return as_records(public, "public")

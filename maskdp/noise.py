@@ -1,12 +1,13 @@
-r"""The noise phase of a MaskDP-SGD step: Gaussian noise on the clipped sum, then the mean.
+r"""The noise phase of a MaskDP-SGD step: Gaussian noise on the clipped private sum.
 
 For every released parameter ``p`` the step releases (DESIGN.md section 3)
 
 .. math::
-    \tilde G_p = \frac{1}{B}\Big(\sum_i h_{i,p} + \sum_i c_i \Delta_{i,p}
-        + N(0, \sigma^2 C^2 I)\Big),
+    \tilde G_p = \frac{1}{B_{pub}} \sum_{j \in U} h_{j,p} + \frac{1}{B}\Big(\sum_{i \in P}
+        c_i \Delta_{i,p} + N(0, \sigma^2 C^2 I)\Big),
 
-with :math:`B` the *expected* batch size :math:`qN`, fixed before training.
+with :math:`B = qN` and :math:`B_{pub}` the *expected* batch sizes, fixed before training
+(the division is :func:`maskdp.postprocess.release`).
 
 Why each detail matters for privacy (each one is an input of the RDP of the
 Poisson-subsampled Gaussian mechanism, Mironov et al. 2019; Abadi et al. 2016):
@@ -22,49 +23,27 @@ Poisson-subsampled Gaussian mechanism, Mironov et al. 2019; Abadi et al. 2016):
   depend on the presence of the differing record in a way the sensitivity-:math:`C`
   analysis does not cover (and is undefined for an empty batch). :math:`B` is a constant, so
   dividing by it is post-processing.
+- **Secret, full-precision noise.** The draws come from :mod:`maskdp.randomness` (OS
+  entropy by default: no seed replays them) in float32 or wider, whatever the model's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-
-def gaussian_noise(like: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    r"""A sample of :math:`N(0, \mathrm{std}^2 I)` with the shape, dtype and device of ``like``.
-
-    ``generator`` may live on another device than ``like`` (e.g. a CPU generator shared with
-    the Poisson sampler and CUDA parameters): the noise is then drawn on the generator's
-    device and moved. ``std = 0`` returns zeros without drawing (the generator does not
-    advance). The default generator (``None``) is torch's global one, which is not
-    cryptographically secure; like Opacus without ``secure_mode``, this protects against
-    the mechanism's adversary only up to the quality of that PRNG.
-    """
-    if std == 0.0:
-        return torch.zeros_like(like)
-    device = like.device if generator is None else generator.device
-    noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-    return (noise * std).to(like.device)
+from maskdp.randomness import Randomness
 
 
 def add_noise(
-    clipped_sum: Mapping[str, Tensor],
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    generator: torch.Generator | None,
+    private_sum: Mapping[str, Tensor], *, std: float, randomness: Randomness
 ) -> dict[str, Tensor]:
-    r""":math:`\sum_i h_i + \sum_i c_i \Delta_i + N(0, \sigma^2 C^2 I)` per parameter.
-
-    Drawn in the mapping's order (deterministic given the generator), on every step: an
-    empty batch is a zero ``clipped_sum`` and still gets the full noise (module docstring).
-    """
-    std = noise_multiplier * max_grad_norm
-    return {name: s + gaussian_noise(s, std, generator) for name, s in clipped_sum.items()}
-
-
-def scale(noisy_sum: Mapping[str, Tensor], *, expected_batch_size: int) -> dict[str, Tensor]:
-    r"""Divide by the expected batch size :math:`B = qN`, never by the realised one."""
-    return {name: s / expected_batch_size for name, s in noisy_sum.items()}
+    r""":math:`\sum_i c_i \Delta_i + N(0, \mathrm{std}^2 I)` per parameter, in the sum's dtype
+    (float32 or wider). ``std = 0`` (tests; no privacy) adds nothing and draws nothing."""
+    if std == 0.0:
+        return dict(private_sum)
+    return {
+        name: s + std * randomness.gaussian(tuple(s.shape), device=s.device).to(s.dtype)
+        for name, s in private_sum.items()
+    }

@@ -3,31 +3,33 @@ r"""``MaskDPOptimizer``: MaskDP-SGD as a drop-in wrapper around any torch optimi
 One step (DESIGN.md section 3), each phase a method as in Opacus
 ``optimizers/optimizer.py``:
 
-1. :meth:`~MaskDPOptimizer.backward` (clip and accumulate): the engine returns
-   :math:`\sum_i h_i + \sum_i c_i \Delta_i` for a batch; several calls before a step add up.
-2. :meth:`~MaskDPOptimizer.add_noise`: :math:`+\,N(0, \sigma^2 C^2 I)` on every released
-   parameter, on every step (an empty batch included).
-   With ``private_weight`` or ``shrinkage`` the noise goes on the private sum alone and
-   the step uses :math:`\sum_i h_i + w\,s(Z)` of the noisy private sum :math:`Z`
-   (post-processing, :mod:`maskdp.postprocess`).
-3. :meth:`~MaskDPOptimizer.scale`: divide by the expected batch size :math:`B = qN`.
+1. :meth:`~MaskDPOptimizer.backward` (clip and accumulate): for the private Poisson batch
+   :math:`P` the engine returns :math:`\sum_{i \in P} c_i \Delta_i`; for the public batch
+   :math:`U`, drawn independently of :math:`P`, :math:`\sum_{j \in U} h_j`. Several calls
+   before a step add up (virtual batches).
+2. :meth:`~MaskDPOptimizer.add_noise`: :math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)`
+   on every step (an empty batch included), drawn from secret randomness
+   (:mod:`maskdp.randomness`) in float32 or wider.
+3. :meth:`~MaskDPOptimizer.scale`: ``p.grad`` :math:`= \frac{1}{B_{pub}} \sum_U h_j +
+   \frac{w}{B} s(Z)`, with the *expected* batch sizes :math:`B = qN` and :math:`B_{pub}`
+   (:mod:`maskdp.postprocess`; :math:`w = 1`, :math:`s(Z) = Z` by default).
 4. :meth:`~MaskDPOptimizer.account`: one Poisson-subsampled Gaussian step
    :math:`(q, \sigma)` in the ledger.
 5. the inner optimizer's ``step``.
 
-Usage::
+Usage (``make_private`` builds the optimizer and a loader that yields both batches)::
 
-    optimizer = maskdp.MaskDPOptimizer(torch.optim.AdamW(model.parameters()), model=model,
-        loss_fn=loss_fn, noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=64, sample_rate=64 / len(dataset), view=maskdp.FillView(0.0))
-    for x, m, y in loader:          # a Poisson loader (maskdp.data.poisson)
-        optimizer.zero_grad()
-        loss = optimizer.backward(x, m, y)
+    model, optimizer, loader = maskdp.make_private(model, torch.optim.AdamW(model.parameters()),
+        DataLoader(dataset, batch_size=64), noise_multiplier=1.0, max_grad_norm=1.0,
+        loss_fn=torch.nn.CrossEntropyLoss(), view=maskdp.FillView(0.0))
+    for private, public in loader:
+        optimizer.backward(*private, public=public)
         optimizer.step()
 
 The guarantee is that of the subsampled Gaussian mechanism with sensitivity :math:`C` under
-the ``erase`` relation, and holds only if the batches come from Poisson sampling at rate
-``sample_rate`` (:func:`maskdp.privacy.make_private` replaces the loader's sampler).
+the ``erase`` relation, and holds only if the private batches come from Poisson sampling at
+rate ``sample_rate`` with secret randomness, and the public batches are drawn independently
+of them (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -43,66 +45,30 @@ from torch.optim import Optimizer
 from accounting.errors import AccountingError
 from accounting.ledger import ACCOUNTANTS, PrivacyLedger
 from maskdp import noise, postprocess, precision
+from maskdp.budget import epsilon_after, steps_within_budget
+from maskdp.checks import (
+    check_batch_size,
+    check_delta,
+    check_max_grad_norm,
+    check_noise_multiplier,
+    check_sample_rate,
+    check_target_epsilon,
+)
 from maskdp.distributed import DistributedContext, unwrap_ddp
-from maskdp.engines.base import Engine, MaskedGradient, PerSampleLoss, resolve_engine
+from maskdp.engines.base import Engine, PerSampleLoss, accumulation_dtype, resolve_engine
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded, UnsupportedModelError
-from maskdp.functional import check_max_grad_norm, make_batch
-from maskdp.validate import validate_model
+from maskdp.functional import Records, check_public_batch, make_batch, public_gradient
+from maskdp.randomness import Randomness, check_randomness, is_replayable
+from maskdp.validate import ModelGuard, validate_model
 from maskdp.views import PublicView, as_view
 
 FORMAT = "maskdp-optimizer"
-FORMAT_VERSION = 1
-_MAX_GUARDED_STEPS = 2**31
+FORMAT_VERSION = 2
+Sums = dict[str, Tensor]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_noise_multiplier(value: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise InvalidInputError(
-            f"noise_multiplier must be a finite number >= 0 (0 only for testing), got {value!r}"
-        )
-    return float(value)
-
-
-def check_sample_rate(value: float) -> float:
-    if not _is_number(value) or not (0.0 < value <= 1.0):
-        raise InvalidInputError(
-            f"sample_rate must be a number in (0, 1] (expected batch size / dataset size), "
-            f"got {value!r}"
-        )
-    return float(value)
-
-
-def check_expected_batch_size(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(
-            f"expected_batch_size must be an int >= 1 (sample_rate * dataset size), got {value!r}"
-        )
-    return value
-
-
-def check_delta(value: float, name: str = "delta") -> float:
-    if not _is_number(value) or not (0.0 < value < 1.0):
-        raise InvalidInputError(f"{name} must be a number in (0, 1), got {value!r}")
-    return float(value)
-
-
-def check_target_epsilon(value: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise InvalidInputError(f"target_epsilon must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _add(total: dict[str, Tensor] | None, more: dict[str, Tensor]) -> dict[str, Tensor]:
+def _add(total: Sums | None, more: Sums) -> Sums:
     return more if total is None else {n: total[n] + more[n] for n in more}
-
-
-def _sum_norm(tensors: Iterable[Tensor]) -> Tensor:
-    norms = [torch.linalg.vector_norm(t.detach().double()) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 class MaskDPOptimizer(Optimizer):
@@ -120,9 +86,11 @@ class MaskDPOptimizer(Optimizer):
         max_grad_norm: the clipping norm :math:`C` of :math:`\Delta_i = g_i - h_i`. It is
             taken over *all* trainable parameters of ``model``; set ``requires_grad=False``
             on parameters you do not train.
-        expected_batch_size: :math:`B = qN`, the divisor of every step (fixed, never the
-            realised batch size).
-        sample_rate: the Poisson sampling rate :math:`q \in (0, 1]`.
+        expected_batch_size: :math:`B = qN`, the divisor of the private term (fixed, never
+            the realised batch size).
+        sample_rate: the Poisson sampling rate :math:`q \in (0, 1]` of the private batch.
+        expected_public_batch_size: :math:`B_{pub}`, the divisor of the public term
+            (default ``expected_batch_size``).
         view: the public view (default ``FillView(0.5)``, see :func:`maskdp.views.as_view`)
             or a callable.
         engine: ``"auto"`` or an engine name (:func:`maskdp.engines.base.engine_names`).
@@ -134,8 +102,9 @@ class MaskDPOptimizer(Optimizer):
             and after :meth:`load_state_dict`), then counted down.
         target_delta: the delta of the budget and the default of :meth:`epsilon`.
         accountant: ``"rdp"`` (default) or ``"prv"`` (tighter, slower; its upper bound).
-        noise_generator: a ``torch.Generator`` for the noise (``None``: torch's global
-            generator). Its state is saved by :meth:`state_dict`.
+        randomness: where the noise comes from: ``None`` (default) draws it from the OS
+            entropy pool, secret and stateless (:mod:`maskdp.randomness`). Only tests pass
+            :class:`~maskdp.randomness.InsecureSeededRandomness` (replayable: no privacy).
         autocast: ``torch.bfloat16`` or ``torch.float16`` runs each engine call under
             ``torch.autocast`` (low-precision forward passes); clipped sums, noise and the
             division stay in the parameters' dtype (:mod:`maskdp.precision`).
@@ -149,9 +118,10 @@ class MaskDPOptimizer(Optimizer):
             :math:`\sigma`, :math:`C` and the dimension only (post-processing too).
 
     Distributed data parallel: pass ``model=DistributedDataParallel(model)``. Engines then
-    run on ``model.module``; each rank's clipped sum is all-reduced, rank 0 alone adds the
-    noise, and every rank divides by ``expected_batch_size`` (the *global* one) and accounts
-    one step (:mod:`maskdp.distributed`).
+    run on ``model.module``; each rank's sums are all-reduced, rank 0 alone adds the noise,
+    and every rank divides by the *global* expected batch sizes and accounts one step
+    (:mod:`maskdp.distributed`). Each rank must feed its shard of the global batches
+    (:func:`maskdp.privacy.make_private` does).
     """
 
     def __init__(
@@ -164,13 +134,14 @@ class MaskDPOptimizer(Optimizer):
         max_grad_norm: float,
         expected_batch_size: int,
         sample_rate: float,
+        expected_public_batch_size: int | None = None,
         view: PublicView | Callable[[Tensor, Tensor], Tensor] | None = None,
         engine: str = "auto",
         protect_labels: bool = False,
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         accountant: str = "rdp",
-        noise_generator: torch.Generator | None = None,
+        randomness: Randomness | None = None,
         autocast: torch.dtype | None = None,
         private_weight: float = 1.0,
         shrinkage: str | None = None,
@@ -186,7 +157,12 @@ class MaskDPOptimizer(Optimizer):
         validate_model(model)
         self._sigma = check_noise_multiplier(noise_multiplier)
         self._clip = check_max_grad_norm(max_grad_norm)
-        self._batch_size = check_expected_batch_size(expected_batch_size)
+        self._batch_size = check_batch_size(expected_batch_size)
+        self._public_batch_size = (
+            self._batch_size
+            if expected_public_batch_size is None
+            else check_batch_size(expected_public_batch_size, "expected_public_batch_size")
+        )
         self._sample_rate = check_sample_rate(sample_rate)
         self._view = as_view(view)
         self._private_weight = postprocess.check_private_weight(private_weight)
@@ -213,12 +189,7 @@ class MaskDPOptimizer(Optimizer):
                 f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}"
             )
         self._accountant = accountant
-        if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
-            raise InvalidInputError(
-                f"noise_generator must be a torch.Generator or None, got "
-                f"{type(noise_generator).__name__}"
-            )
-        self._generator = noise_generator
+        self._randomness = check_randomness(randomness)
         self._model = model
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._check_params(p for group in optimizer.param_groups for p in group["params"])
@@ -236,24 +207,25 @@ class MaskDPOptimizer(Optimizer):
                     "noise_multiplier": self._sigma,
                     "max_grad_norm": self._clip,
                     "expected_batch_size": self._batch_size,
+                    "expected_public_batch_size": self._public_batch_size,
                     "sample_rate": self._sample_rate,
                 }
             )
         self._engine: Engine = engine_cls(model, loss_fn)
+        self._guard = ModelGuard(model)
 
         self._inner = optimizer
         self._ledger = PrivacyLedger()
         self._steps = 0
         self._noiseless_steps = 0
-        self._clipped_sum: dict[str, Tensor] | None = None
-        # With private_weight != 1 or shrinkage the parts are kept apart: _clipped_sum then
-        # holds the public sum and _private_sum the clipped private sum (see _accumulate).
-        self._private_sum: dict[str, Tensor] | None = None
+        self._public_sum: Sums | None = None
+        self._private_sum: Sums | None = None
+        self._noisy_private: Sums | None = None
         self._budget_left: int | None = None  # steps the target still allows (cached)
+        #: Norms and clip factors of the last private batch: computed from sensitive
+        #: content without noise, **not private** (tests and debugging only).
         self.last_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
-        self.last_public: Tensor | None = None
-        self.last_private: Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -292,11 +264,6 @@ class MaskDPOptimizer(Optimizer):
         return self._shrinkage
 
     @property
-    def _post_processed(self) -> bool:
-        """Whether the public and noisy private sums are released separately."""
-        return self._private_weight != 1.0 or self._shrinkage is not None
-
-    @property
     def noise_multiplier(self) -> float:
         return self._sigma
 
@@ -311,6 +278,14 @@ class MaskDPOptimizer(Optimizer):
     @property
     def sample_rate(self) -> float:
         return self._sample_rate
+
+    @property
+    def expected_public_batch_size(self) -> int:
+        return self._public_batch_size
+
+    @property
+    def randomness(self) -> Randomness:
+        return self._randomness
 
     @property
     def protect_labels(self) -> bool:
@@ -409,125 +384,104 @@ class MaskDPOptimizer(Optimizer):
     # ------------------------------------------------------------------ the phases
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the accumulated clipped sum and clear the inner optimizer's gradients."""
-        self._clipped_sum = self._private_sum = None
+        """Forget the accumulated sums and clear the inner optimizer's gradients."""
+        self._public_sum = self._private_sum = self._noisy_private = None
         self._inner.zero_grad(set_to_none=set_to_none)
 
     def backward(
-        self, inputs: Tensor, mask: Tensor, targets: Tensor, *, present: Tensor | None = None
+        self,
+        inputs: Tensor,
+        mask: Tensor,
+        targets: Tensor,
+        *,
+        public: Records | None = None,
+        present: Tensor | None = None,
     ) -> Tensor:
-        r"""Clip and accumulate one batch; return its mean per-sample full-view loss (detached).
+        r"""Clip and accumulate one private batch and one public batch; return the public loss.
 
-        Adds :math:`\sum_i h_i + \sum_i c_i \Delta_i` of the batch to the sum accumulated
-        since the last :meth:`zero_grad` or :meth:`step`. Several calls before one step
-        split one Poisson batch into chunks (virtual batches): all chunks between two steps
-        must together be ONE Poisson sample at ``sample_rate``, otherwise the accounting is
-        wrong. ``present`` (bool, N) erases records (their :math:`\Delta_i = 0`; for tests
-        and audits).
+        ``(inputs, mask, targets)`` is the private Poisson batch :math:`P`; ``public`` the
+        public batch :math:`U`, drawn independently of :math:`P` (required, except with
+        ``protect_labels``). Adds :math:`\sum_P c_i \Delta_i` and :math:`\sum_U h_j` to the
+        sums accumulated since the last step. Several calls before one step split the batches
+        into chunks (virtual batches): the private chunks between two steps must together be
+        ONE Poisson sample at ``sample_rate``. ``present`` (bool, N) erases private records
+        (their :math:`\Delta_i = 0`; tests and audits).
 
-        The returned loss and :attr:`last_norms`, :attr:`last_clip_factors`,
-        :attr:`last_public`, :attr:`last_private` (of the last call) are computed from
-        sensitive content without noise: they are **not private**; logging or acting on them
-        is outside the guarantee (debugging only).
+        Returns the mean public-view loss over :math:`U` (a public figure, safe to show;
+        ``nan`` without a public batch). Nothing computed from the private batch is returned.
         """
+        public_batch = check_public_batch(public, self._protect_labels)
         batch = make_batch(
-            self._view, inputs, mask, targets, protect_labels=self._protect_labels, present=present
+            self._view,
+            inputs,
+            mask,
+            targets,
+            protect_labels=self._protect_labels,
+            present=present,
+            guard=self._guard,
         )
         with precision.autocast(self._autocast, inputs.device):
-            result = self._engine.compute(batch, max_grad_norm=self._clip)
-        self._accumulate(result)
-        return result.loss.detach()
+            clipped = self._engine.compute(batch, max_grad_norm=self._clip)
+            if public_batch is not None:
+                public_sum, loss, count = public_gradient(
+                    self._model, self._engine.loss_fn, self._view, public_batch
+                )
+        self._private_sum = _add(self._private_sum, self._select(clipped.private))
+        self.last_norms, self.last_clip_factors = clipped.norms, clipped.clip_factors
+        if public_batch is None:
+            return torch.full((), math.nan)
+        self._public_sum = _add(self._public_sum, self._select(public_sum))
+        return loss / count if count else torch.full((), math.nan)
 
-    def _accumulate(self, result: MaskedGradient) -> None:
-        names = [name for name, _ in self._released()]
-        missing = [n for n in names if n not in result.private]
+    def _select(self, sums: Sums) -> Sums:
+        """The released parameters' entries of ``sums``, in float32 or wider."""
+        missing = [name for name, _ in self._released() if name not in sums]
         if missing:
             raise InvalidInputError(
                 f"parameters {missing} are in the optimizer but the engine gave no gradient "
                 "for them (requires_grad turned off after building the optimizer?)"
             )
-        dtypes = {name: p.dtype for name, p in self._released()}  # fp32 even under autocast
-        if self._post_processed:  # keep the parts apart: _clipped_sum holds the public sum
-            total = {n: result.public[n].to(dtypes[n]) for n in names}
-            private = {n: result.private[n].to(dtypes[n]) for n in names}
-            self._private_sum = _add(self._private_sum, private)
-        else:
-            total = {
-                n: result.public[n].to(dtypes[n]) + result.private[n].to(dtypes[n]) for n in names
-            }
-        self._clipped_sum = _add(self._clipped_sum, total)
-        self.last_norms = result.norms.detach()
-        self.last_clip_factors = result.clip_factors.detach()
-        self.last_public = _sum_norm(result.public.values())
-        self.last_private = _sum_norm(result.private.values())
+        return {name: sums[name].to(accumulation_dtype(p.dtype)) for name, p in self._released()}
 
-    def _clipped(self) -> dict[str, Tensor]:
-        """The accumulated clipped sum, zeros when no batch was seen (an empty batch).
-
-        With post-processing (``private_weight`` or ``shrinkage``) it is the public sum.
-        """
-        return self._as_released(self._clipped_sum)
-
-    def _as_released(self, sums: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        """``sums`` in the released parameters' order, zeros for an empty batch."""
-        released = self._released()
-        if sums is None:
-            return {name: torch.zeros_like(p) for name, p in released}
-        return {name: sums[name] for name, _ in released}
+    def _zeros(self) -> Sums:
+        return {
+            name: torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
+            for name, p in self._released()
+        }
 
     def add_noise(self) -> None:
-        r"""``p.grad`` = clipped sum :math:`+\,N(0, \sigma^2 C^2 I)`, always (see :mod:`maskdp.noise`).
+        r""":math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)`, always (an empty batch too).
 
-        Distributed: rank 0 alone adds the noise, then the ranks' sums are all-reduced, so
-        the noise enters the global sum exactly once (:mod:`maskdp.distributed`).
+        Drawn from :attr:`randomness` in float32 or wider. Distributed: rank 0 alone adds the
+        noise, then the ranks' sums are all-reduced, so the noise enters the global sum
+        exactly once (:mod:`maskdp.distributed`).
         """
+        private = self._private_sum if self._private_sum is not None else self._zeros()
         main = self._dist is None or self._dist.is_main
-        if self._post_processed:
-            self._add_noise_then_post_process(main)
-            return
-        noisy = noise.add_noise(
-            self._clipped(),
-            noise_multiplier=self._sigma if main else 0.0,
-            max_grad_norm=self._clip,
-            generator=self._generator,
-        )
+        std = self._sigma * self._clip if main else 0.0
+        private = noise.add_noise(private, std=std, randomness=self._randomness)
         if self._dist is not None:
-            noisy = self._dist.all_reduce_sum(noisy)
-        for name, p in self._released():
-            p.grad = noisy[name].to(p.dtype)
+            private = self._dist.all_reduce_sum(private)
+        self._noisy_private = private
 
-    def _add_noise_then_post_process(self, main: bool) -> None:
-        r"""``p.grad`` = :math:`\sum_i h_i + w\, s(Z)`, :math:`Z` = private sum + noise.
-
-        The noise is added to the private sum first (same draws as the default path), and
-        only the released :math:`Z` and the public sum enter :func:`maskdp.postprocess.combine`.
-        """
-        public = self._clipped()
-        noisy = noise.add_noise(
-            self._as_released(self._private_sum),
-            noise_multiplier=self._sigma if main else 0.0,
-            max_grad_norm=self._clip,
-            generator=self._generator,
-        )
-        if self._dist is not None:
+    def scale(self) -> None:
+        r"""``p.grad`` :math:`= \frac{1}{B_{pub}}\sum_U h_j + \frac{w}{B} s(Z)` (expected sizes)."""
+        if self._noisy_private is None:
+            raise InvalidInputError("scale() needs add_noise() first: the step has no noise yet")
+        public = self._public_sum if self._public_sum is not None else self._zeros()
+        if self._dist is not None and not self._protect_labels:
             public = self._dist.all_reduce_sum(public)
-            noisy = self._dist.all_reduce_sum(noisy)
-        released = postprocess.combine(
+        released = postprocess.release(
             public,
-            noisy,
-            private_weight=self._private_weight,
+            self._noisy_private,
+            public_batch_size=self._public_batch_size,
+            expected_batch_size=self._batch_size,
+            private_weight=0.0 if self._protect_labels else self._private_weight,
             shrinkage=self._shrinkage,
             noise_std=self._sigma * self._clip,
         )
         for name, p in self._released():
             p.grad = released[name].to(p.dtype)
-
-    def scale(self) -> None:
-        """``p.grad`` /= the expected batch size (never the realised one)."""
-        grads = {name: p.grad for name, p in self._released()}
-        scaled = noise.scale(grads, expected_batch_size=self._batch_size)
-        for name, p in self._released():
-            p.grad = scaled[name]
 
     def account(self) -> None:
         """Record one step at (q, sigma); a noiseless step makes :meth:`epsilon` infinite."""
@@ -540,38 +494,28 @@ class MaskDPOptimizer(Optimizer):
             self._budget_left -= 1
 
     def _epsilon_after(self, more_steps: int) -> float:
-        """Epsilon of the ledger plus ``more_steps`` steps at (q, sigma)."""
-        trial = self._ledger.copy()
-        trial.record(self._sample_rate, self._sigma, more_steps)
-        return trial.epsilon(self._target_delta, accountant=self._accountant)
-
-    def _steps_within_budget(self) -> int:
-        """The largest m with epsilon(ledger + m steps) <= target (capped at 2**31).
-
-        Exponential search then bisection, so a run queries the accountant O(log m) times
-        instead of once per step. The returned m is checked directly (its epsilon is at most
-        the target) and m + 1 is checked to exceed it, assuming epsilon non-decreasing in the
-        number of steps (true of both accountants' guarantees).
-        """
-        target = self._target_epsilon
-        if self._epsilon_after(1) > target:
-            return 0
-        low, high = 1, 2
-        while high <= _MAX_GUARDED_STEPS and self._epsilon_after(high) <= target:
-            low, high = high, 2 * high
-        if high > _MAX_GUARDED_STEPS:
-            return low
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if self._epsilon_after(mid) <= target else (low, mid)
-        return low
+        return epsilon_after(
+            self._ledger,
+            more_steps,
+            sample_rate=self._sample_rate,
+            noise_multiplier=self._sigma,
+            delta=self._target_delta,
+            accountant=self._accountant,
+        )
 
     def check_budget(self) -> None:
         """Raise :class:`PrivacyBudgetExceeded` if one more step would pass the target."""
         if self._target_epsilon is None:
             return
         if self._budget_left is None:
-            self._budget_left = self._steps_within_budget()
+            self._budget_left = steps_within_budget(
+                self._ledger,
+                target_epsilon=self._target_epsilon,
+                sample_rate=self._sample_rate,
+                noise_multiplier=self._sigma,
+                delta=self._target_delta,
+                accountant=self._accountant,
+            )
         if self._budget_left == 0:
             eps = self._epsilon_after(1)
             raise PrivacyBudgetExceeded(
@@ -581,19 +525,19 @@ class MaskDPOptimizer(Optimizer):
             )
 
     def pre_step(self) -> None:
-        """Budget check, noise, scale and account; leaves noisy means in ``p.grad``."""
+        """Budget check, noise, scale and account; leaves the released gradient in ``p.grad``."""
         self.check_budget()
         self.add_noise()
         self.scale()
         self.account()
-        self._clipped_sum = self._private_sum = None
+        self._public_sum = self._private_sum = self._noisy_private = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One MaskDP-SGD step (see module docstring); a step with no batch is an empty batch.
 
         ``closure``, if given, runs first (with gradients enabled) and should call
-        :meth:`backward`; its value is returned. The accumulated sum is consumed: the next
-        step releases only batches seen after this one.
+        :meth:`backward`; its value is returned. The accumulated sums are consumed: the next
+        step releases only batches seen after this one (no ``zero_grad`` is needed).
         """
         loss = None
         if closure is not None:
@@ -627,22 +571,29 @@ class MaskDPOptimizer(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Inner optimizer state, ledger (JSON-compatible dict), step counts, generator state."""
-        return {
+        """Inner optimizer state, ledger (JSON-compatible dict) and step counts.
+
+        Secret randomness has no state, so nothing here replays the noise. Only a test's
+        :class:`~maskdp.randomness.InsecureSeededRandomness` adds its state, under the key
+        ``"insecure_randomness"`` (such a checkpoint must stay as secret as the data).
+        """
+        state = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "optimizer": self._inner.state_dict(),
             "ledger": self._ledger.to_dict(),
             "steps": self._steps,
             "noiseless_steps": self._noiseless_steps,
-            "noise_generator": None if self._generator is None else self._generator.get_state(),
         }
+        if is_replayable(self._randomness):
+            state["insecure_randomness"] = self._randomness.state_dict()  # type: ignore[attr-defined]
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; everything is validated before anything changes.
 
-        A saved generator state needs a ``noise_generator`` here (same device). The
-        accumulated clipped sum is cleared.
+        A saved ``insecure_randomness`` state is restored only into the same kind of
+        randomness. The accumulated sums are cleared.
         """
         if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
             raise InvalidInputError(
@@ -653,9 +604,7 @@ class MaskDPOptimizer(Optimizer):
             raise InvalidInputError(
                 f"state_dict version must be {FORMAT_VERSION}, got {state_dict.get('version')!r}"
             )
-        missing = {"optimizer", "ledger", "steps", "noiseless_steps", "noise_generator"} - set(
-            state_dict
-        )
+        missing = {"optimizer", "ledger", "steps", "noiseless_steps"} - set(state_dict)
         if missing:
             raise InvalidInputError(f"state_dict lacks {sorted(missing)}")
         try:
@@ -671,18 +620,12 @@ class MaskDPOptimizer(Optimizer):
                 f"state_dict steps ({steps}) != ledger steps ({ledger.steps}) + noiseless "
                 f"steps ({noiseless}): the checkpoint is inconsistent"
             )
-        gen_state = state_dict["noise_generator"]
-        if gen_state is not None:
-            if self._generator is None:
-                raise InvalidInputError(
-                    "state_dict holds a noise generator state; pass noise_generator= to restore it"
-                )
-            try:
-                torch.Generator(device=self._generator.device).set_state(gen_state)
-            except (RuntimeError, TypeError) as err:
-                raise InvalidInputError(
-                    f"state_dict noise_generator state is invalid: {err}"
-                ) from None
+        replay = state_dict.get("insecure_randomness")
+        if replay is not None and not is_replayable(self._randomness):
+            raise InvalidInputError(
+                "state_dict holds an insecure (seeded) randomness state; this optimizer draws "
+                "secret randomness and will not replay it"
+            )
         inner = state_dict["optimizer"]
         if not isinstance(inner, Mapping) or len(inner.get("param_groups", ())) != len(
             self._inner.param_groups
@@ -698,9 +641,9 @@ class MaskDPOptimizer(Optimizer):
         self._steps = steps
         self._noiseless_steps = noiseless
         self._budget_left = None
-        if gen_state is not None:
-            self._generator.set_state(gen_state)
-        self._clipped_sum = self._private_sum = None
+        if replay is not None:
+            self._randomness.load_state_dict(replay)  # type: ignore[attr-defined]
+        self._public_sum = self._private_sum = self._noisy_private = None
 
     def close(self) -> None:
         """Release the engine's hooks on the model."""

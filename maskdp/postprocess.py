@@ -1,21 +1,22 @@
 r"""Post-processing of the released noisy private sum: weighting and shrinkage.
 
 A MaskDP-SGD step releases two things (DESIGN.md section 3): the public sum
-:math:`P = \sum_i h_i`, a function of public content only, and the noisy private sum
+:math:`P = \sum_{j \in U} h_j` over the public batch, a function of public content and of
+sampling randomness independent of the private batch only, and the noisy private sum
 
 .. math::
-    Z = \sum_i c_i \Delta_i + N(0, \sigma^2 C^2 I),
+    Z = \sum_{i \in \mathcal{P}} c_i \Delta_i + N(0, \sigma^2 C^2 I),
 
 the subsampled Gaussian mechanism with sensitivity :math:`C` under the ``erase`` relation.
-The pair :math:`(P, Z)` is :math:`(\epsilon, \delta)`-MaskDP: :math:`P` is the same in both
-worlds of a masked-adjacent pair (it reads no sensitive content) and :math:`Z` carries the
-guarantee. By the post-processing property of differential privacy (Dwork and Roth 2014,
+The pair :math:`(P, Z)` is :math:`(\epsilon, \delta)`-MaskDP: :math:`P` has the same
+distribution in both worlds of a masked-adjacent pair and is independent of :math:`Z`, and
+:math:`Z` carries the guarantee. By the post-processing property of differential privacy (Dwork and Roth 2014,
 Prop. 2.1), any function :math:`F(P, Z)` whose other inputs are data-independent constants
 (:math:`\sigma`, :math:`C`, :math:`B`, the dimension, a weight fixed before training) has
 the same guarantee. The update used is
 
 .. math::
-    G = P + w \cdot s(Z), \qquad s(Z) = Z \text{ (no shrinkage) or }
+    G = \frac{P}{B_{pub}} + \frac{w}{B} \cdot s(Z), \qquad s(Z) = Z \text{ (no shrinkage) or }
     \Big(1 - \frac{(d - 2)\, \sigma^2 C^2}{\lVert Z \rVert^2}\Big)_+ Z
 
 per parameter tensor of dimension :math:`d \ge 3` (positive-part James-Stein shrinkage
@@ -81,18 +82,24 @@ def james_stein_factor(noisy: Tensor, noise_std: float) -> Tensor:
     return factor.clamp_min(0.0).to(noisy.dtype)
 
 
-def combine(
+def release(
     public: Mapping[str, Tensor],
     noisy_private: Mapping[str, Tensor],
     *,
+    public_batch_size: int,
+    expected_batch_size: int,
     private_weight: float,
     shrinkage: str | None,
     noise_std: float,
 ) -> dict[str, Tensor]:
-    r""":math:`P + w\, s(Z)` per parameter (module docstring); ``noise_std`` is :math:`\sigma C`."""
+    r""":math:`P / B_{pub} + w\, s(Z) / B` per parameter (module docstring).
+
+    ``noise_std`` is :math:`\sigma C`; both divisors are expected batch sizes fixed before
+    training, never realised ones.
+    """
     out = {}
     for name, z in noisy_private.items():
         if shrinkage == "james-stein":
             z = james_stein_factor(z, noise_std) * z
-        out[name] = public[name] + private_weight * z
+        out[name] = public[name] / public_batch_size + (private_weight / expected_batch_size) * z
     return out

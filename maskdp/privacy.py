@@ -4,60 +4,113 @@ Always returns three values ``(model, optimizer, data_loader)``:
 
 - the model, unchanged (engines hook it; its names and state_dict keys stay the user's);
 - a :class:`~maskdp.optimizer.MaskDPOptimizer` around the optimizer;
-- a :class:`~maskdp.data.poisson.PoissonDataLoader` over the loader's dataset. The loader's
-  sampler is always replaced: shuffled fixed-size batches are not Poisson, and the
-  accounting is only valid for Poisson batches.
+- a :class:`~maskdp.data.poisson.MaskDPDataLoader` over the loader's dataset, whose items
+  are ``(private, public)``: a Poisson batch at rate :math:`q` drawn from secret randomness
+  and a public batch drawn independently at rate :math:`q_{pub}` (default :math:`q`). The
+  loader's own sampler is always replaced: shuffled fixed-size batches are not Poisson, and
+  the accounting is only valid for Poisson batches.
 
 The sampling rate is :math:`q = B / N` with :math:`B` the loader's ``batch_size`` and
-:math:`N` the dataset size, so the expected batch size (the divisor of each step) is exactly
-:math:`B`; an epoch keeps ``len(data_loader)`` steps. (Opacus uses ``1 / len(data_loader)``,
-which equals :math:`B / N` when :math:`B` divides :math:`N`.)
+:math:`N` the dataset size, so the expected batch size (the divisor of the private term) is
+exactly :math:`B`; an epoch keeps ``len(data_loader)`` steps.
+
+Under ``DistributedDataParallel`` (``model`` is a DDP module) every rank's loader yields its
+shard of each global batch (record ``i`` belongs to rank ``i mod W``): each sampled record
+enters the global batch once, and every rank divides by the global expected sizes.
+
+The loop::
+
+    for private, public in loader:
+        optimizer.backward(*private, public=public)
+        optimizer.step()
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from maskdp.data.poisson import PoissonDataLoader
+from maskdp.checks import check_batch_size, check_delta, check_target_epsilon
+from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
+from maskdp.distributed import is_ddp
 from maskdp.engines.base import PerSampleLoss
 from maskdp.errors import InvalidInputError
-from maskdp.optimizer import MaskDPOptimizer, check_delta, check_target_epsilon
+from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import Randomness, SecretRandomness
 from maskdp.views import PublicView
 
 ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 
 
-def _poisson(
-    data_loader: DataLoader, generator: torch.Generator | None
-) -> tuple[PoissonDataLoader, float, int]:
-    """The Poisson loader, its rate q = B / N and the expected batch size B."""
+def _shard(model: nn.Module) -> tuple[int, int]:
+    """(rank, world size) for a DDP model, (0, 1) otherwise."""
+    if not is_ddp(model):
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rate(data_loader: DataLoader) -> tuple[float, int, int]:
+    """The private rate q = B / N, the expected batch size B and N."""
     if not isinstance(data_loader, DataLoader):
         raise InvalidInputError(
             f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
         )
     if isinstance(data_loader, PoissonDataLoader):
-        rate = data_loader.sample_rate
-        expected = max(1, round(data_loader.expected_batch_size))
-    else:
-        batch_size = data_loader.batch_size
-        if batch_size is None:
-            raise InvalidInputError(
-                "data_loader needs a batch_size (the expected batch size of Poisson sampling); "
-                "build it with DataLoader(dataset, batch_size=B)"
-            )
         n = len(data_loader.dataset)  # type: ignore[arg-type]
-        if n < 1:
-            raise InvalidInputError("data_loader's dataset is empty")
-        expected = min(batch_size, n)
-        rate = expected / n
-    loader = PoissonDataLoader.from_data_loader(data_loader, sample_rate=rate, generator=generator)
-    return loader, rate, expected
+        return data_loader.sample_rate, max(1, round(data_loader.expected_batch_size)), n
+    batch_size = data_loader.batch_size
+    if batch_size is None:
+        raise InvalidInputError(
+            "data_loader needs a batch_size (the expected batch size of Poisson sampling); "
+            "build it with DataLoader(dataset, batch_size=B)"
+        )
+    n = len(data_loader.dataset)  # type: ignore[arg-type]
+    if n < 1:
+        raise InvalidInputError("data_loader's dataset is empty")
+    expected = min(batch_size, n)
+    return expected / n, expected, n
+
+
+def _loaders(
+    data_loader: DataLoader,
+    model: nn.Module,
+    *,
+    public_batch_size: int | None,
+    protect_labels: bool,
+    randomness: Randomness | None,
+    public_randomness: Randomness | None,
+) -> tuple[MaskDPDataLoader, float, int, int]:
+    """The paired loader, q, B and B_pub."""
+    rate, expected, n = _rate(data_loader)
+    rank, world = _shard(model)
+    private = PoissonDataLoader.from_data_loader(
+        data_loader, sample_rate=rate, randomness=randomness, rank=rank, world_size=world
+    )
+    public_expected = (
+        expected
+        if public_batch_size is None
+        else check_batch_size(public_batch_size, "public_batch_size")
+    )
+    if public_expected > n:
+        raise InvalidInputError(f"public_batch_size {public_expected} exceeds the dataset size {n}")
+    public = None
+    if not protect_labels:
+        public = PoissonDataLoader.from_data_loader(
+            data_loader,
+            sample_rate=public_expected / n,
+            steps=len(private),
+            randomness=public_randomness if public_randomness is not None else SecretRandomness(),
+            rank=rank,
+            world_size=world,
+        )
+    return MaskDPDataLoader(private, public), rate, expected, public_expected
 
 
 def make_private(
@@ -74,15 +127,28 @@ def make_private(
     target_epsilon: float | None = None,
     target_delta: float | None = None,
     accountant: str = "rdp",
-    generator: torch.Generator | None = None,
-) -> tuple[nn.Module, MaskDPOptimizer, PoissonDataLoader]:
-    """(model, :class:`MaskDPOptimizer`, Poisson loader); see the module docstring.
+    public_batch_size: int | None = None,
+    randomness: Randomness | None = None,
+    public_randomness: Randomness | None = None,
+    **settings: Any,
+) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
+    """(model, :class:`MaskDPOptimizer`, paired loader); see the module docstring.
 
-    ``generator`` (a CPU ``torch.Generator``) seeds both the Poisson sampling and the noise
-    (the optimizer's :meth:`~MaskDPOptimizer.state_dict` then saves both; noise for CUDA
-    parameters is drawn on the CPU and moved); ``None`` uses torch's global generators. Other arguments are those of :class:`MaskDPOptimizer`.
+    ``public_batch_size``: the expected size :math:`B_{pub}` of the public batch (default
+    the loader's ``batch_size``). ``randomness`` drives the private sampling and the noise
+    (default: secret OS entropy); ``public_randomness`` the public sampling (default: its
+    own OS entropy, independent of the private draws). Other keyword arguments
+    (``autocast``, ``private_weight``, ``shrinkage``) and the rest are those of
+    :class:`MaskDPOptimizer`.
     """
-    loader, rate, expected = _poisson(data_loader, generator)
+    loader, rate, expected, public_expected = _loaders(
+        data_loader,
+        model,
+        public_batch_size=public_batch_size,
+        protect_labels=protect_labels,
+        randomness=randomness,
+        public_randomness=public_randomness,
+    )
     private_optimizer = MaskDPOptimizer(
         optimizer,
         model=model,
@@ -91,13 +157,15 @@ def make_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected,
         sample_rate=rate,
+        expected_public_batch_size=public_expected,
         view=view,
         engine=engine,
         protect_labels=protect_labels,
         target_epsilon=target_epsilon,
         target_delta=target_delta,
         accountant=accountant,
-        noise_generator=generator,
+        randomness=randomness,
+        **settings,
     )
     return model, private_optimizer, loader
 
@@ -116,14 +184,15 @@ def make_private_with_epsilon(
     engine: str = "auto",
     protect_labels: bool = False,
     accountant: str = "rdp",
-    generator: torch.Generator | None = None,
-) -> tuple[nn.Module, MaskDPOptimizer, PoissonDataLoader]:
+    **settings: Any,
+) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
     """:func:`make_private` with the smallest noise that keeps ``epochs`` epochs within budget.
 
     The noise multiplier comes from :func:`accounting.calibration.calibrate_noise` for
     ``steps = epochs * len(data_loader)`` at the Poisson rate (its epsilon is at most the
     target: the safe side). The budget guard is armed with the same target, so a step past
-    the planned ones raises :class:`~maskdp.errors.PrivacyBudgetExceeded`.
+    the planned ones raises :class:`~maskdp.errors.PrivacyBudgetExceeded`. Other keyword
+    arguments are those of :func:`make_private`.
     """
     from accounting.calibration import calibrate_noise
 
@@ -131,8 +200,8 @@ def make_private_with_epsilon(
     delta = check_delta(target_delta, "target_delta")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InvalidInputError(f"epochs must be an int >= 1, got {epochs!r}")
-    loader, rate, _ = _poisson(data_loader, generator)
-    steps = epochs * len(loader)
+    rate, _, _ = _rate(data_loader)
+    steps = epochs * len(data_loader)
     sigma = calibrate_noise(target, delta, sample_rate=rate, steps=steps, accountant=accountant)
     if not math.isfinite(sigma):  # pragma: no cover - calibrate_noise raises instead
         raise InvalidInputError(f"no noise multiplier reaches epsilon {target} in {steps} steps")
@@ -149,5 +218,5 @@ def make_private_with_epsilon(
         target_epsilon=target,
         target_delta=delta,
         accountant=accountant,
-        generator=generator,
+        **settings,
     )

@@ -5,9 +5,13 @@ A run directory holds ``config.json`` (the validated :class:`TrainConfig`),
 (``epsilon``, ``delta``, ``steps``, ``accuracy``, ...). Every file is written atomically,
 so a crash at any moment leaves the previous complete version.
 
-Poisson sampling is indexed by step: the batch of step ``s`` is drawn from a generator
-seeded by ``(seed, s)``, so a resumed run samples exactly the batches an uninterrupted run
-would have, without saving sampler state.
+The run is built on :func:`maskdp.privacy.make_private`: each step takes a private Poisson
+batch and an independent public batch, and the noise and the private sampling draw from the
+OS entropy pool. The config's ``seed`` fixes only public things (the synthetic data, the
+initial weights, a random-fill view); no seed determines the noise or the sampling, so none
+is written anywhere, and the checkpoint holds no generator state. A resumed run draws fresh
+secret batches, which is what an uninterrupted run does too. ``maskdp export`` writes the
+releasable weights alone.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from maskdp.distributed import DistributedContext, from_env, shard_indices, sum_gradients
+from maskdp.distributed import DistributedContext, from_env, sum_gradients
 from maskdp.errors import InvalidInputError
 from maskdp.io import atomic_torch_save, atomic_write_json, remove_temporaries
 from maskdp.train_config import TrainConfig
@@ -154,12 +158,6 @@ def make_plan(config: TrainConfig, dataset_size: int) -> Plan:
     return Plan(q, public_steps, private_steps, sigma)
 
 
-def poisson_indices(size: int, sample_rate: float, *, seed: int, step: int) -> Tensor:
-    """Indices of step ``step``'s Poisson batch: each record independently with prob. q."""
-    generator = torch.Generator().manual_seed((seed << 32) + step)
-    return (torch.rand(size, generator=generator) < sample_rate).nonzero().flatten()
-
-
 def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Stack the records at ``indices`` (an empty batch keeps the record shapes)."""
     if len(indices):
@@ -195,6 +193,9 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128)
     return correct / max(1, len(dataset))
 
 
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
 class Run:
     """One training run bound to a run directory."""
 
@@ -205,7 +206,7 @@ class Run:
         self.run_dir = Path(run_dir)
         self.dist = dist  # torchrun: this rank's place; None for one process
         self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # public: data, initial weights, dropout draws
         self.train_set, self.test_set, num_classes = build_datasets(config)
         self.model = build_model(config, num_classes).to(self.device)
         self.plan = make_plan(config, len(self.train_set))
@@ -213,32 +214,39 @@ class Run:
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.view = build_view(config, self.model)
-        # DDP broadcasts rank 0's parameters; MaskDPOptimizer then all-reduces the clipped
-        # sums and noises them once (maskdp.distributed).
+        # DDP broadcasts rank 0's parameters; MaskDPOptimizer then all-reduces the sums and
+        # noises them once (maskdp.distributed); the loaders yield this rank's shard.
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if dist is not None else None
-        self.optimizer = self._private_optimizer() if config.mode != "nonprivate" else None
+        self.optimizer, self.loader = self._private_setup()
         self.step = 0
         self.history: list[dict[str, float]] = []
 
-    def _private_optimizer(self):
-        from maskdp.optimizer import MaskDPOptimizer
+    def _private_setup(self) -> tuple[Any, Any]:
+        """The optimizer (None when non-private) and the loader of (private, public) pairs."""
+        from torch.utils.data import DataLoader
+
+        from maskdp.privacy import make_private
 
         config = self.config
-        return MaskDPOptimizer(
+        base = DataLoader(self.train_set, batch_size=config.batch_size)
+        model = self.ddp if self.ddp is not None else self.model
+        _, optimizer, loader = make_private(
+            model,
             self.inner,
-            model=self.ddp if self.ddp is not None else self.model,
-            loss_fn=nn.CrossEntropyLoss(),
+            base,
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
-            expected_batch_size=config.batch_size,
-            sample_rate=self.plan.sample_rate,
+            loss_fn=nn.CrossEntropyLoss(),
             view=self.view,
             engine=config.engine,
             protect_labels=config.mode == "dpsgd",
             private_weight=config.private_weight,
             shrinkage=None if config.shrinkage == "none" else config.shrinkage,
-            noise_generator=torch.Generator().manual_seed(config.seed + 1),
         )
+        if config.mode == "nonprivate":
+            optimizer.close()
+            return None, loader
+        return optimizer, loader
 
     # -- persistence ---------------------------------------------------------------------
     def save(self) -> None:
@@ -260,7 +268,7 @@ class Run:
     def load(self) -> None:
         path = self.run_dir / CHECKPOINT
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise InvalidInputError(f"no checkpoint to resume in {self.run_dir}") from None
         except Exception as err:  # a torn or foreign file: refuse, never guess
@@ -283,28 +291,37 @@ class Run:
             return math.inf
         return float(self.optimizer.epsilon(self.config.delta))
 
-    def _batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        idx = poisson_indices(
-            len(self.train_set), self.plan.sample_rate, seed=self.config.seed, step=step
-        )
-        if self.dist is not None:  # this rank's shard of the step's Poisson sample
-            idx = shard_indices(idx, rank=self.dist.rank, world_size=self.dist.world_size)
-        x, m, y = collate(self.train_set, idx)
+    def _on_device(self, batch: Any) -> Batch:
+        x, m, y = batch
         if self.config.mode == "dpsgd":
             m = torch.ones_like(m)
         return x.to(self.device), m.to(self.device), y.to(self.device)
 
-    def _public_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
-        """Warm-up on public views only: no sensitive content, no privacy cost."""
+    def _batches(self) -> Iterator[tuple[Batch, Batch | None]]:
+        """(private, public) pairs, pass after pass of the loader."""
+        while True:
+            for private, public in self.loader:
+                yield (
+                    self._on_device(private),
+                    None if public is None else self._on_device(public),
+                )
+
+    def _plain_step(self, x: Tensor, y: Tensor, model_input: Any) -> float:
+        """A non-private step on ``model_input`` (public views, or full clips when
+        non-private): no noise, divided by the expected batch size."""
         self.inner.zero_grad()
-        loss = 0.0
+        loss = math.nan
         if len(y):
-            public = self.view.public(x, m)
-            total = nn.functional.cross_entropy(public(self.model), y, reduction="sum")
+            total = nn.functional.cross_entropy(model_input(self.model), y, reduction="sum")
             (total / self.config.batch_size).backward()
             loss = float(total.detach()) / len(y)
         self._inner_step(len(y))
         return loss
+
+    def _public_step(self, public: Batch) -> float:
+        """Warm-up on public views of the public batch only: no privacy cost."""
+        x, m, y = public
+        return self._plain_step(x, y, self.view.public(x, m))
 
     def _inner_step(self, count: int) -> None:
         """The inner optimizer's step on a non-empty (global) batch; ranks sum gradients."""
@@ -312,28 +329,26 @@ class Run:
         if sum_gradients(params, self.dist, count):
             self.inner.step()
 
-    def _private_step(self, x: Tensor, m: Tensor, y: Tensor) -> float:
-        if self.optimizer is None:
-            self.inner.zero_grad()
-            loss = 0.0
-            if len(y):
-                total = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
-                (total / self.config.batch_size).backward()
-                loss = float(total.detach()) / len(y)
-            self._inner_step(len(y))
-            return loss
-        self.optimizer.zero_grad()
-        loss = self.optimizer.backward(x, m, y)
+    def _private_step(self, private: Batch, public: Batch | None) -> float:
+        """One step; the loss returned is the public-view loss (nothing un-noised)."""
+        if self.optimizer is None:  # non-private: full clips, no noise
+            x, _, y = private
+            return self._plain_step(x, y, lambda model: model(x))
+        loss = self.optimizer.backward(*private, public=public)
         self.optimizer.step()
         return float(loss)
 
     def steps(self) -> Iterator[tuple[int, float]]:
-        """Run the remaining steps, yielding (step, loss); checkpoints every ``every`` steps."""
+        """Run the remaining steps, yielding (step, public loss); checkpoints about once an
+        epoch and at the end."""
         every = max(1, round(1 / self.plan.sample_rate))
+        batches = self._batches()
         while self.step < self.plan.total_steps:
-            x, m, y = self._batch(self.step)
-            public = self.step < self.plan.public_steps
-            loss = self._public_step(x, m, y) if public else self._private_step(x, m, y)
+            private, public = next(batches)
+            if self.step < self.plan.public_steps:
+                loss = self._public_step(public if public is not None else private)
+            else:
+                loss = self._private_step(private, public)
             self.step += 1
             if self.step % every == 0 or self.step == self.plan.total_steps:
                 self.save()
@@ -440,3 +455,26 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
     return asdict(plan)
+
+
+def export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the releasable weights of ``run_dir``'s checkpoint to ``out`` (atomically).
+
+    The file holds the model's ``state_dict`` alone (loadable with ``weights_only=True``),
+    never optimizer state, history or anything else of the run; ``out`` must not exist.
+    """
+    config = read_config(run_dir)
+    target = Path(out)
+    if target.exists():
+        raise InvalidInputError(f"{target} already exists; choose another output path")
+    run = Run(config, Path(run_dir))
+    run.load()
+    state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+    atomic_torch_save(state, target)
+    epsilon = run.epsilon()
+    return {
+        "run_dir": str(run_dir),
+        "weights": str(target),
+        "epsilon": epsilon if math.isfinite(epsilon) else None,
+        "delta": config.delta if run.optimizer is not None else None,
+    }

@@ -143,7 +143,11 @@ def train_command(
     device: Annotated[str | None, typer.Option(help="cpu | cuda.", rich_help_panel=_OPT)] = None,
     seed: Annotated[
         int | None,
-        typer.Option(help="Seed of data, model, sampling and noise.", rich_help_panel=_OPT),
+        typer.Option(
+            help="Seed of public things only (synthetic data, initial weights, random fill); "
+            "noise and sampling always draw secret OS entropy.",
+            rich_help_panel=_OPT,
+        ),
     ] = None,
     threads: Annotated[
         int,
@@ -197,7 +201,8 @@ def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  eps {task.fields[eps]}"),
+        # The public-view loss of the public batch: never a figure of the private batch.
+        TextColumn("public loss {task.fields[loss]:.3f}  eps {task.fields[eps]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, transient=False) as bar:
@@ -224,6 +229,18 @@ def evaluate_command(
     _print_metrics(evaluate(run_dir), as_json)
 
 
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by maskdp train.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the weights (must not exist).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Write the releasable weights of a run (the model's state_dict alone) to OUT."""
+    from maskdp.train import export
+
+    _print_metrics(export(run_dir, out), as_json)
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
+    app.command("export")(export_command)

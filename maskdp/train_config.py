@@ -56,7 +56,11 @@ class TrainConfig(BaseModel):
     )
     shrinkage: Literal["none", "james-stein"] = "none"
     device: str = "cpu"
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="seeds public things only (synthetic data, initial weights, random fill); "
+        "noise and sampling always draw secret OS entropy",
+    )
 
     @model_validator(mode="before")
     @classmethod

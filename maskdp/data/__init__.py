@@ -12,6 +12,8 @@ _EXPORTS: dict[str, str] = {
     "PoissonDataLoader": "maskdp.data.poisson",
     "EmptyBatchCollate": "maskdp.data.poisson",
     "poisson_loader": "maskdp.data.poisson",
+    "MaskDPDataLoader": "maskdp.data.poisson",
+    "StepBatches": "maskdp.data.poisson",
     "SyntheticPrivateActions": "maskdp.data.synthetic",
     "ClipFolder": "maskdp.data.folder",
 }

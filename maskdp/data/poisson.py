@@ -9,8 +9,8 @@ shuffled epoch visits every record exactly once), so reporting Poisson accountin
 is wrong. :func:`maskdp.privacy.make_private` therefore always replaces the loader's sampler
 with this one, whatever the user's loader did.
 
-The sampler is Opacus's ``UniformWithReplacementSampler`` (one Bernoulli(q) draw per
-record per step from ``generator``); the collate wrapper here returns zero-length batches
+The sampler is :class:`maskdp.sampling.PoissonSampler` (exact rate, secret randomness,
+split across processes); the collate wrapper here returns zero-length batches
 for an empty sample, shaped like a real batch: ``(0, C, T, H, W)``, ``(0, T, H, W)``,
 ``(0,)`` for ``(x, m, y)`` records. Unlike Opacus's ``DPDataLoader`` wrapper it keeps no
 copy of a real batch (the template is built once from ``dataset[0]`` and holds zero
@@ -20,18 +20,19 @@ elements), and an empty first batch has the right dtypes and shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
-import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
+from maskdp.checks import check_sample_rate
 from maskdp.errors import InvalidInputError
+from maskdp.randomness import Randomness
+from maskdp.sampling import PoissonSampler
 
-_REFUSED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+_REFUSED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
 
 
 def _empty_like_batch(batch: Any) -> Any:
@@ -84,10 +85,13 @@ class PoissonDataLoader(DataLoader):
     r"""A DataLoader whose every batch is a Poisson sample at rate ``sample_rate``.
 
     One pass yields ``steps`` batches (default :math:`\lceil 1/q \rceil`, about one epoch);
-    each record is in each batch independently with probability ``q``. ``generator`` seeds
-    the sampling (and the workers' base seed). Other keyword arguments go to
+    each record is in each batch independently with probability ``q``, drawn from
+    ``randomness`` (default: secret OS entropy, :mod:`maskdp.randomness`). With
+    ``world_size > 1`` it yields this ``rank``'s part of each step's global sample
+    (:mod:`maskdp.sampling`). Other keyword arguments go to
     :class:`~torch.utils.data.DataLoader`, except those that define batches
-    (``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``).
+    (``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``,
+    ``generator``).
     """
 
     def __init__(
@@ -97,46 +101,34 @@ class PoissonDataLoader(DataLoader):
         sample_rate: float,
         steps: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
-        generator: torch.Generator | None = None,
+        randomness: Randomness | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         **kwargs: Any,
     ) -> None:
         n = _check_dataset(dataset)
-        if (
-            isinstance(sample_rate, bool)
-            or not isinstance(sample_rate, (int, float))
-            or not (0.0 < sample_rate <= 1.0)
-        ):
-            raise InvalidInputError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+        q = check_sample_rate(sample_rate)
         if steps is None:
-            steps = math.ceil(1.0 / sample_rate)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InvalidInputError(f"steps must be an int >= 1, got {steps!r}")
+            steps = math.ceil(1.0 / q)
         refused = [k for k in _REFUSED if k in kwargs]
         if refused:
             raise InvalidInputError(
                 f"PoissonDataLoader draws its own batches; do not pass {', '.join(refused)}"
             )
-        if generator is not None and (
-            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
-        ):
-            raise InvalidInputError(
-                f"generator must be a CPU torch.Generator or None (it drives the sampler), "
-                f"got {getattr(generator, 'device', type(generator).__name__)}"
-            )
         if isinstance(collate_fn, EmptyBatchCollate):
             collate_fn = collate_fn.collate_fn
-        sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=float(sample_rate), generator=generator, steps=steps
+        sampler = PoissonSampler(
+            n, q, steps=steps, randomness=randomness, rank=rank, world_size=world_size
         )
         super().__init__(
             dataset,
             batch_sampler=sampler,
             collate_fn=EmptyBatchCollate(collate_fn or default_collate, dataset),
-            generator=generator,
             **kwargs,
         )
-        self.sample_rate = float(sample_rate)
-        self.expected_batch_size = self.sample_rate * n
+        self.sample_rate = q
+        #: The expected size of the *global* batch, :math:`qN` (every rank's divisor).
+        self.expected_batch_size = q * n
 
     @classmethod
     def from_data_loader(
@@ -145,13 +137,15 @@ class PoissonDataLoader(DataLoader):
         *,
         sample_rate: float | None = None,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        randomness: Randomness | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> PoissonDataLoader:
         """A Poisson loader over ``data_loader``'s dataset, keeping its other settings.
 
         Defaults: ``sample_rate = batch_size / len(dataset)`` (so the expected batch size is
         the loader's ``batch_size``; capped at 1), ``steps = len(data_loader)`` (an epoch
-        has as many steps as before), ``generator`` the loader's.
+        has as many steps as before).
         """
         if not isinstance(data_loader, DataLoader):
             raise InvalidInputError(
@@ -172,7 +166,9 @@ class PoissonDataLoader(DataLoader):
             sample_rate=sample_rate,
             steps=len(data_loader) if steps is None else steps,
             collate_fn=data_loader.collate_fn,
-            generator=generator if generator is not None else data_loader.generator,
+            randomness=randomness,
+            rank=rank,
+            world_size=world_size,
             num_workers=data_loader.num_workers,
             pin_memory=data_loader.pin_memory,
             timeout=data_loader.timeout,
@@ -188,7 +184,7 @@ def poisson_loader(
     *,
     batch_size: int,
     steps: int | None = None,
-    generator: torch.Generator | None = None,
+    randomness: Randomness | None = None,
     **kwargs: Any,
 ) -> PoissonDataLoader:
     """A :class:`PoissonDataLoader` with expected batch size ``batch_size`` (q = B / N)."""
@@ -199,6 +195,61 @@ def poisson_loader(
         dataset,  # type: ignore[arg-type]
         sample_rate=min(1.0, batch_size / n),
         steps=steps,
-        generator=generator,
+        randomness=randomness,
         **kwargs,
     )
+
+
+class StepBatches(NamedTuple):
+    """What one MaskDP-SGD step consumes: the private Poisson batch and the public batch.
+
+    ``public`` is drawn independently of ``private`` (DESIGN.md section 3); it is ``None``
+    when labels are protected (plain DP-SGD has no public term).
+    """
+
+    private: Any
+    public: Any
+
+
+class MaskDPDataLoader:
+    """Yields :class:`StepBatches`: a private Poisson batch and an independent public batch.
+
+    ``for private, public in loader: optimizer.backward(*private, public=public);
+    optimizer.step()``. Both loaders have the same number of steps per pass.
+    """
+
+    def __init__(self, private: PoissonDataLoader, public: PoissonDataLoader | None) -> None:
+        if public is not None and len(public) != len(private):
+            raise InvalidInputError(
+                f"the public loader has {len(public)} steps per pass, the private one "
+                f"{len(private)}; give both the same steps"
+            )
+        self.private = private
+        self.public = public
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.private.dataset
+
+    @property
+    def sample_rate(self) -> float:
+        return self.private.sample_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.private.expected_batch_size
+
+    @property
+    def public_sample_rate(self) -> float | None:
+        return None if self.public is None else self.public.sample_rate
+
+    def __len__(self) -> int:
+        return len(self.private)
+
+    def __iter__(self) -> Iterator[StepBatches]:
+        if self.public is None:
+            for batch in self.private:
+                yield StepBatches(batch, None)
+            return
+        for batch, public in zip(self.private, self.public, strict=True):
+            yield StepBatches(batch, public)

@@ -1,17 +1,28 @@
 r"""Engine contract: what every engine computes, and the registry that resolves ``"auto"``.
 
-For a batch of records with full pass :math:`g_i = \nabla \ell(f(x_i), y_i)` and public pass
-:math:`h_i = \nabla \ell(f(\pi(r_i)), y_i)`, an engine returns (DESIGN.md section 3)
+For the private batch, with full pass :math:`g_i = \nabla \ell(f(x_i), y_i)` and public pass
+:math:`h_i = \nabla \ell(f(\pi(r_i)), y_i)` of each record, an engine returns a
+:class:`ClippedSum` (DESIGN.md section 3):
 
-- ``public``  = :math:`\sum_i h_i` (zero when labels are protected),
 - ``private`` = :math:`\sum_i c_i \Delta_i` with :math:`\Delta_i = g_i - h_i` and
-  :math:`c_i = \min(1, C / \lVert\Delta_i\rVert)`,
-- ``norms``   = :math:`\lVert\Delta_i\rVert` over all trainable parameters,
-- ``clip_factors`` = :math:`c_i`.
+  :math:`c_i = \min(1, C / \lVert\Delta_i\rVert)`, summed in float32 or wider,
+- ``norms`` = :math:`\lVert\Delta_i\rVert` over all trainable parameters (float64),
+- ``clip_factors`` = :math:`c_i` (float64); :math:`c_i = 0` when the norm is not finite,
+  and such a record's row is zeroed before the sum, so it contributes exactly zero.
 
-With ``protect_labels`` there is no public pass: :math:`\Delta_i = g_i` (plain DP-SGD).
-Engines are deterministic and add no noise; they never touch ``param.grad`` nor the user's
-module names or state_dict keys.
+The sum of the :math:`h_i` over the private batch is **never** returned: it would reveal
+which records were sampled. The public term of a step comes from an independent public
+batch (:mod:`maskdp.functional`). With ``protect_labels`` there is no public pass:
+:math:`\Delta_i = g_i` (plain DP-SGD).
+
+**Shared randomness.** A model that draws random numbers in its forward (dropout,
+stochastic depth) must see the same draws in the full and the public pass of a record, or
+an erased record would have :math:`\Delta_i \ne 0`. Engines snapshot torch's generator
+before the full pass and restore it before the public pass (:class:`RngSnapshot`), and use
+a stacked ``2B`` schedule (whose halves would draw differently) only when the batch says
+the model draws nothing (``MaskedBatch.random = False``, set by the model probe of
+:mod:`maskdp.validate`). Engines are deterministic given the generator and add no noise;
+they never touch ``param.grad`` nor the user's module names or state_dict keys.
 """
 
 from __future__ import annotations
@@ -33,11 +44,16 @@ PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class MaskedBatch:
-    """The two passes of one batch. ``public`` is None when labels are protected."""
+    """The two passes of one private batch. ``public`` is None when labels are protected.
+
+    ``random``: whether the model may draw random numbers in its forward (then the two
+    passes must run separately, each after the same :class:`RngSnapshot`).
+    """
 
     full: ModelInput
     public: ModelInput | None
     targets: Tensor
+    random: bool = True
 
     def __len__(self) -> int:
         return len(self.full)
@@ -48,22 +64,35 @@ class MaskedBatch:
 
 
 @dataclass(frozen=True)
-class MaskedGradient:
-    """Result of one masked-gradient computation (sums over the batch, no noise).
+class ClippedSum:
+    r"""What an engine returns for a private batch (sums over the batch, no noise).
 
-    ``public`` and ``private`` map parameter names (as in ``model.named_parameters()``,
-    trainable ones only) to tensors of the parameter's shape.
+    ``private`` maps parameter names (as in ``model.named_parameters()``, trainable ones
+    only) to :math:`\sum_i c_i \Delta_i`, in the parameter's dtype promoted to float32.
     """
 
-    public: dict[str, Tensor]
     private: dict[str, Tensor]
     norms: Tensor
     clip_factors: Tensor
-    loss: Tensor
 
-    def total(self) -> dict[str, Tensor]:
-        """The clipped sum :math:`\\sum_i h_i + \\sum_i c_i \\Delta_i` per parameter."""
-        return {name: self.public[name] + self.private[name] for name in self.private}
+
+class RngSnapshot:
+    """torch's generator state (CPU, and ``device``'s CUDA generator), to replay draws."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = None if self.device is None else torch.cuda.get_rng_state(self.device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype clipped sums and noise are computed in: ``dtype`` promoted to float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def per_sample_loss(loss_fn: nn.Module | PerSampleLoss) -> PerSampleLoss:
@@ -103,26 +132,38 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
-    r""":math:`c_i = \min(1, C / \lVert\Delta_i\rVert)`, with :math:`c_i = 1` for a zero norm."""
-    return (max_grad_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    r""":math:`c_i = \min(1, C / \lVert\Delta_i\rVert)` in float64; 1 for a zero norm, 0 for a
+    norm that is not finite (the record then contributes nothing)."""
+    norms = norms.double()
+    factors = (max_grad_norm / norms.clamp_min(1e-300)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
 
 
-def empty_result(model: nn.Module, device: torch.device | None = None) -> MaskedGradient:
+def clipped_rows(rows: Tensor, factors: Tensor) -> Tensor:
+    r""":math:`c_i` times each row (batch first), in :func:`accumulation_dtype`; rows with
+    :math:`c_i = 0` (non-finite) become exact zeros instead of ``0 * inf = nan``."""
+    rows = rows.to(accumulation_dtype(rows.dtype))
+    scale = factors.to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+    return torch.where(
+        scale > 0, rows * scale, torch.zeros((), dtype=rows.dtype, device=rows.device)
+    )
+
+
+def empty_result(model: nn.Module, device: torch.device | None = None) -> ClippedSum:
     """Zeros for an empty batch (noise is still added by the optimizer)."""
     params = trainable_parameters(model)
-    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
     dev = device or next(iter(params.values())).device
-    return MaskedGradient(
-        public=zeros,
-        private={n: z.clone() for n, z in zeros.items()},
-        norms=torch.zeros(0, device=dev),
-        clip_factors=torch.zeros(0, device=dev),
-        loss=torch.zeros((), device=dev),
+    return ClippedSum(
+        private={
+            n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in params.items()
+        },
+        norms=torch.zeros(0, dtype=torch.float64, device=dev),
+        clip_factors=torch.zeros(0, dtype=torch.float64, device=dev),
     )
 
 
 class Engine(ABC):
-    """Computes a :class:`MaskedGradient` for one model.
+    """Computes a :class:`ClippedSum` for one model.
 
     An engine is built once per model (it may register hooks, which :meth:`close` removes)
     and is called once per batch.
@@ -146,8 +187,8 @@ class Engine(ABC):
         """Raise :class:`UnsupportedModelError` naming the module this engine cannot handle."""
 
     @abstractmethod
-    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
-        """Public sum, clipped private sum, norms and clip factors of ``batch``."""
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
+        """Clipped private sum, norms and clip factors of ``batch``."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release hooks or buffers held on the model."""

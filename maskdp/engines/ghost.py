@@ -8,19 +8,20 @@ a tensor hook on its output receives ``G``, the gradient of
 with respect to that output (public rows carry the weight -1). ``torch.autograd.grad`` is
 asked only for the output gradients of the first layers, so no parameter gradient is ever
 computed. Per layer a rule of :mod:`maskdp.engines.ghost_layers` turns ``(A, G)`` into
-per-sample squared norms of :math:`\Delta_i`, the public sum :math:`\sum_i h_i` and what
-is needed for :math:`\sum_i c_i \Delta_i` (DESIGN.md section 4). Samples never mix
+per-sample squared norms of :math:`\Delta_i` and what is needed for
+:math:`\sum_i c_i \Delta_i` (DESIGN.md section 4). Samples never mix
 (BatchNorm is refused by :func:`maskdp.validate.validate_model`), so the output gradient
 of :math:`\sum_i [c_i \ell(full_i) + (1 - c_i) \ell(pub_i)]` is ``G`` rescaled per sample
 (book-keeping, Bu et al. 2023): the clipped sum needs no second backward.
 
 Two schedules give the same numbers:
 
-- *stacked* (when both :class:`ModelInput` have the same shapes): one ``2B`` forward and
-  one backward; fewer, larger kernels.
+- *stacked* (when both :class:`ModelInput` have the same shapes and the model draws no
+  random numbers): one ``2B`` forward and one backward; fewer, larger kernels.
 - *sequential*: forward and backward of the full pass, each layer reduced to its per-sample
-  gradients (or kept, on the ghost branch), then forward and backward of the public pass;
-  about one pass's activations in memory instead of two.
+  gradients (or kept, on the ghost branch), then forward and backward of the public pass
+  after restoring the generator state of the full pass (both passes see the same random
+  draws); about one pass's activations in memory instead of two.
 
 Each layer is reduced inside the backward as soon as its ``G`` arrives, and its ``A`` and
 ``G`` are released (:mod:`maskdp.engines.ghost_capture`). Hooks live only for the duration
@@ -34,10 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.engines.base import (
+    ClippedSum,
     Engine,
     MaskedBatch,
-    MaskedGradient,
     PerSampleLoss,
+    RngSnapshot,
+    accumulation_dtype,
     clip_factors,
     empty_result,
     register_engine,
@@ -259,7 +262,8 @@ class _Reducer:
 
     def _pass(self, layer: Layer, call: Call, size: int) -> Pass:
         """The call as a :class:`Pass`; low-precision activations (autocast) are upcast to
-        the parameters' dtype so that norms and sums are computed in full precision."""
+        the parameters' dtype promoted to float32, so that norms and sums are computed in
+        float32 or wider whatever the model's dtype."""
         assert call.grad is not None
         for t in (*call.inputs, call.grad):
             if t.dim() == 0 or t.shape[0] != size:
@@ -267,7 +271,7 @@ class _Reducer:
                     f"{layer.label}: expected batch-first tensors with {size} samples, got "
                     f"shape {tuple(t.shape)}; {FIX}"
                 )
-        dtype = layer.dtype
+        dtype = accumulation_dtype(layer.dtype)
         inputs = tuple(
             t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in call.inputs
         )
@@ -320,7 +324,7 @@ class GhostEngine(Engine):
         if self.workspace is not None:
             self.workspace = Workspace()
 
-    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
         if len(batch) == 0:
             return empty_result(self.model)
         try:
@@ -329,39 +333,37 @@ class GhostEngine(Engine):
             if self.workspace is not None:
                 self.workspace.release()  # results never alias its buffers
 
-    def _compute(self, batch: MaskedBatch, max_grad_norm: float) -> MaskedGradient:
+    def _compute(self, batch: MaskedBatch, max_grad_norm: float) -> ClippedSum:
         n, targets = len(batch), batch.targets
         reducer = _Reducer(self.layers, batch, self.mode, self.workspace)
+        stack = self.stack and not batch.random and batch.public is not None
         with Capture(self.layers, reducer) as capture:
             reducer.capture = capture
-            if batch.public is not None and self.stack and stackable(batch.full, batch.public):
+            if stack and stackable(batch.full, batch.public):
                 stacked = _stack(batch.full, batch.public)
                 losses = self._run(capture, STACKED, stacked, torch.cat([targets, targets]))
                 objective = losses[:n].sum() - losses[n:].sum()
                 self._backward(objective, capture, STACKED)
                 reducer.flush(STACKED)
-                losses = losses[:n]
             else:
+                snapshot = RngSnapshot(targets.device)
                 losses = self._run(capture, FULL, batch.full, targets)
                 self._backward(losses.sum(), capture, FULL)
                 reducer.flush(FULL)
                 if batch.public is not None:
+                    snapshot.restore()  # the same random draws as the full pass
                     public = self._run(capture, PUBLIC, batch.public, targets)
                     self._backward(-public.sum(), capture, PUBLIC)
                     reducer.flush(PUBLIC)
                     reducer.check_complete()
-        inputs = batch.full.inputs
-        dtype = inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype()
-        norms = reducer.sq_norms.sqrt().to(dtype)
+        norms = reducer.sq_norms.sqrt()
         factors = clip_factors(norms, max_grad_norm)
-        public_sum: dict[str, Tensor] = {}
         private: dict[str, Tensor] = {}
-        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(targets.device.type, enabled=False):
             for index, result in sorted(reducer.results.items()):
                 names = self.layers[index].names
-                public_sum.update({names[k]: v for k, v in result.public.items()})
                 private.update({names[k]: v for k, v in result.private(factors).items()})
-        return self._assemble(public_sum, private, norms, factors, losses, batch.protect_labels)
+        return ClippedSum(private=self._shaped(private), norms=norms, clip_factors=factors)
 
     def _run(self, capture: Capture, name: str, model_input: ModelInput, targets: Tensor) -> Tensor:
         """One forward pass recorded under ``name``; the per-sample losses."""
@@ -399,31 +401,15 @@ class GhostEngine(Engine):
                     f"F.linear(x, module.weight) in a parent); {FIX}"
                 )
 
-    def _assemble(
-        self,
-        public: dict[str, Tensor],
-        private: dict[str, Tensor],
-        norms: Tensor,
-        factors: Tensor,
-        losses: Tensor,
-        protect_labels: bool,
-    ) -> MaskedGradient:
-        """Parameter-shaped sums in the model's order; zeros where a layer took no part."""
-
-        def shaped(value: Tensor | None, param: Tensor) -> Tensor:
-            if value is None:
-                return torch.zeros_like(param)
-            value = value.reshape(param.shape)
-            return value if value.dtype == param.dtype else value.to(param.dtype)
-
-        out_public, out_private = {}, {}
+    def _shaped(self, private: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameter-shaped sums in the model's order, in float32 or wider; zeros where a
+        layer took no part."""
+        out = {}
         for name, param in self.trainable:
-            out_private[name] = shaped(private.get(name), param)
-            out_public[name] = shaped(None if protect_labels else public.get(name), param)
-        return MaskedGradient(
-            public=out_public,
-            private=out_private,
-            norms=norms,
-            clip_factors=factors,
-            loss=losses.detach().mean(),
-        )
+            dtype = accumulation_dtype(param.dtype)
+            value = private.get(name)
+            if value is None:
+                out[name] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            else:
+                out[name] = value.reshape(param.shape).to(dtype)
+        return out

@@ -7,7 +7,6 @@ weight -1 through their output gradient ``G``. Writing :math:`S(A, G)` for the p
 gradient of a layer (linear in ``G``), :func:`layer_result` returns for a :class:`Pair`
 
 - ``sq_norms``: :math:`\lVert S(A^f_i, G^f_i) + S(A^p_i, G^p_i)\rVert^2`, one per sample,
-- ``public``: :math:`\sum_i h_i = -\sum_i S(A^p_i, G^p_i)` (empty with protected labels),
 - ``private(c)``: :math:`\sum_i c_i \Delta_i`, once the clip factors are known.
 
 Two ways to get there (mixed ghost norm, Bu et al. 2022, "Scalable and efficient training
@@ -93,23 +92,20 @@ class LayerResult:
     r"""What a rule returns for one layer; parameter names are the module's local names.
 
     ``sq_norms`` (n,): per-sample squared norms of :math:`\Delta_i` on this layer.
-    ``public``: :math:`\sum_i h_i` per parameter (any shape with the parameter's numel).
     ``deltas``: instantiated :math:`\Delta_i`, flattened to (n, numel); ``weighted``, for
     the ghost branch, computes :math:`\sum_i c_i \Delta_i` from the clip factors itself.
     """
 
     sq_norms: Tensor
-    public: dict[str, Tensor]
     deltas: dict[str, Tensor]
     weighted: Callable[[Tensor], dict[str, Tensor]] | None = None
 
     def private(self, factors: Tensor) -> dict[str, Tensor]:
-        r""":math:`\sum_i c_i \Delta_i` per parameter (flattened for instantiated ones)."""
+        r""":math:`\sum_i c_i \Delta_i` per parameter (flattened for instantiated ones); rows
+        with :math:`c_i = 0` (non-finite norm) are zeroed first, never ``0 * inf``."""
         out = {}
         for k, v in self.deltas.items():
-            if factors.dtype != v.dtype:
-                factors = factors.to(v.dtype)
-            out[k] = factors @ v
+            out[k] = factors.to(v.dtype) @ zero_dropped(v, factors)
         if self.weighted is not None:
             out.update(self.weighted(factors))
         return out
@@ -155,7 +151,17 @@ def uses_ghost(rule: LayerRule, module: nn.Module, pass_: Pass, passes: int, mod
     return rule.prefers_ghost is not None and rule.prefers_ghost(module, pass_, passes)
 
 
-def from_deltas(deltas: dict[str, Tensor], public: dict[str, Tensor], n: int) -> LayerResult:
+def zero_dropped(rows: Tensor, factors: Tensor, groups: int = 1) -> Tensor:
+    r"""``rows`` (``n * groups`` first) with the rows of samples whose :math:`c_i = 0` set to
+    exact zeros, so that a non-finite record adds nothing to a weighted sum."""
+    dropped = factors == 0
+    if not bool(dropped.any()):
+        return rows
+    keep = ~dropped.repeat_interleave(groups).view(-1, *([1] * (rows.dim() - 1)))
+    return torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def from_deltas(deltas: dict[str, Tensor], n: int) -> LayerResult:
     r"""A result holding the layer's :math:`\Delta_i` until the factors are known.
 
     Squared norms are float32 sums per layer (pairwise summation); the engine accumulates
@@ -166,15 +172,14 @@ def from_deltas(deltas: dict[str, Tensor], public: dict[str, Tensor], n: int) ->
     sq_norms = torch.linalg.vector_norm(next(values), dim=1).square_()
     for v in values:
         sq_norms += torch.linalg.vector_norm(v, dim=1).square_()
-    return LayerResult(sq_norms, public, flat)
+    return LayerResult(sq_norms, flat)
 
 
 def combine(full: dict[str, Tensor], public: dict[str, Tensor] | None, n: int) -> LayerResult:
-    r""":math:`\Delta_i = S_f + S_p` and :math:`\sum_i h_i = -\sum_i S_p` from per-sample grads."""
+    r""":math:`\Delta_i = S_f + S_p` from per-sample gradients (the public pass carries -1)."""
     if public is None:
-        return from_deltas(full, {}, n)
-    sums = {k: v.sum(0).neg_() for k, v in public.items()}
-    return from_deltas({k: v + public[k] for k, v in full.items()}, sums, n)
+        return from_deltas(full, n)
+    return from_deltas({k: v + public[k] for k, v in full.items()}, n)
 
 
 def layer_result(
@@ -277,7 +282,6 @@ class LinearForm:
         passes over the ``n x P`` buffer compared with adding two materialised halves."""
         assert pair.public is not None
         n, out = pair.full.n, self.per_sample(pair.public, names)
-        public = {k: v.sum(0).neg_() for k, v in out.items()}
         if "weight" in names:
             x, g = pair.full.inputs[0], pair.full.grad
             if self.direct is not None:
@@ -287,7 +291,7 @@ class LinearForm:
                 grads.baddbmm_(self.rows_g(g).transpose(1, 2), self.rows_a(x))
         if "bias" in names:
             out["bias"] = out["bias"] + self.bias_of(pair.full.grad)
-        return from_deltas(out, public, n)
+        return from_deltas(out, n)
 
     def prefers_ghost(self, pass_: Pass, passes: int) -> bool:
         rows = self.rows(pass_) * passes
@@ -296,6 +300,7 @@ class LinearForm:
     def weighted_sum(self, a: Tensor, g: Tensor, weights: Tensor | None) -> Tensor:
         r""":math:`\sum_i w_i G_i^\top A_i` over rows (``weights`` None: all ones)."""
         if weights is not None:
+            a, g = zero_dropped(a, weights, self.groups), zero_dropped(g, weights, self.groups)
             g = g * weights.repeat_interleave(self.groups).to(g.dtype)[:, None, None]
         k = self.groups
         if k == 1:
@@ -314,17 +319,11 @@ class LinearForm:
         sq = torch.zeros(n, dtype=torch.float64, device=gf.device)
         if "weight" in names:
             sq += ghost_sq_norms(af, gf, ap, gp).view(n, self.groups).sum(1)
-        public: dict[str, Tensor] = {}
         bias = self.bias_of(pair.full.grad)
         if pair.public is not None:
-            bias_p = self.bias_of(pair.public.grad)
-            if "bias" in names:
-                public["bias"] = bias_p.sum(0).neg_()
-            bias = bias + bias_p
+            bias = bias + self.bias_of(pair.public.grad)
         if "bias" in names:
             sq += torch.linalg.vector_norm(bias, dim=1).double().square_()
-        if ap is not None and gp is not None and "weight" in names:
-            public["weight"] = self.weighted_sum(ap, gp, None).neg_()
 
         def weighted(factors: Tensor) -> dict[str, Tensor]:
             out = {}
@@ -334,10 +333,10 @@ class LinearForm:
                     weight = weight + self.weighted_sum(ap, gp, factors)
                 out["weight"] = weight
             if "bias" in names:
-                out["bias"] = factors.to(bias.dtype) @ bias
+                out["bias"] = factors.to(bias.dtype) @ zero_dropped(bias, factors)
             return out
 
-        return LayerResult(sq, public, {}, weighted)
+        return LayerResult(sq, {}, weighted)
 
 
 def linear_form_rule(form_of: Callable[[nn.Module], LinearForm], **kwargs: Any) -> LayerRule:
@@ -499,23 +498,22 @@ def _embedding_ghost(module: nn.Module, pair: Pair, names: frozenset[str]) -> La
     rows of both passes (float64)."""
     vocab, dim = module.weight.shape
     ids, g = _embedding_rows(module, pair.full)
-    public: dict[str, Tensor] = {}
 
     def scatter(ids: Tensor, g: Tensor) -> Tensor:
         return g.new_zeros(vocab, dim).index_add_(0, ids.reshape(-1), g.reshape(-1, dim))
 
     if pair.public is not None:
         ids_p, g_p = _embedding_rows(module, pair.public)
-        public["weight"] = scatter(ids_p, g_p).neg_()
         ids, g = torch.cat([ids, ids_p], 1), torch.cat([g, g_p], 1)
     g64 = g.double()
     same = (ids[:, :, None] == ids[:, None, :]).to(torch.float64)
     sq = (torch.bmm(g64, g64.transpose(1, 2)) * same).sum((1, 2)).clamp_min(0)
 
     def weighted(factors: Tensor) -> dict[str, Tensor]:
-        return {"weight": scatter(ids, g * factors.to(g.dtype)[:, None, None])}
+        safe = zero_dropped(g, factors)
+        return {"weight": scatter(ids, safe * factors.to(g.dtype)[:, None, None])}
 
-    return LayerResult(sq, public, {}, weighted)
+    return LayerResult(sq, {}, weighted)
 
 
 def _embedding_prefers_ghost(module: nn.Module, pass_: Pass, passes: int) -> bool:

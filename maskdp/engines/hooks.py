@@ -6,11 +6,12 @@ The full and public passes of a batch of B records are stacked into one batch of
 (``opacus.grad_sample``, ``loss_reduction="sum"``, batch first) give the per-row gradients
 of :math:`L`, so (DESIGN.md section 4)
 
-- :math:`\Delta_i = \text{grad\_sample}[i] + \text{grad\_sample}[B + i] = g_i - h_i`,
-- :math:`\sum_i h_i = -\sum_i \text{grad\_sample}[B + i]` (the same pass).
+:math:`\Delta_i = \text{grad\_sample}[i] + \text{grad\_sample}[B + i] = g_i - h_i`.
 
-When the two passes cannot be stacked (different input shapes or keyword tensors) they run
-as two forward/backward passes. The hooks are attached for one ``compute`` and removed
+When the two passes cannot be stacked (different input shapes or keyword tensors), or the
+model draws random numbers (the two halves of a stacked batch would draw differently), they
+run as two forward/backward passes, the second after restoring the generator state of the
+first (:class:`~maskdp.engines.base.RngSnapshot`). The hooks are attached for one ``compute`` and removed
 afterwards, with every attribute Opacus set on parameters or modules: between calls the
 user's model is exactly as before. ``torch.autograd.grad`` is used, so ``param.grad`` is
 never written. The batched gradient it returns (:math:`\sum_i \Delta_i`) is compared with
@@ -33,14 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.engines.base import (
+    ClippedSum,
     Engine,
     MaskedBatch,
-    MaskedGradient,
+    RngSnapshot,
     empty_result,
     register_engine,
     trainable_parameters,
 )
-from maskdp.engines.persample import _at_least_fp32, clipped_result
+from maskdp.engines.persample import clipped_result
 from maskdp.errors import UnsupportedModelError
 from maskdp.views import ModelInput
 
@@ -284,38 +286,32 @@ class HooksEngine(Engine):
                     "do not see; use engine='vmap'"
                 )
 
-    def _per_sample(
-        self, batch: MaskedBatch
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """:math:`\\Delta_i` (B, *shape) and :math:`\\sum_i h_i` per parameter, full losses."""
+    def _per_sample(self, batch: MaskedBatch) -> dict[str, Tensor]:
+        """:math:`\\Delta_i` (B, *shape) per parameter."""
         n, full, public, targets = len(batch), batch.full, batch.public, batch.targets
         ones = torch.ones(n, device=targets.device)
         if public is None:
-            rows, batched, losses = self._rows(full, targets, ones)
+            rows, batched, _ = self._rows(full, targets, ones)
             self._check_consistent(rows, batched)
-            zeros = {k: torch.zeros_like(v[0]) for k, v in rows.items()}
-            return rows, zeros, losses
-        stacked = _stack(full, public)
+            return rows
+        stacked = None if batch.random else _stack(full, public)
         if stacked is not None:
-            rows, batched, losses = self._rows(
+            rows, batched, _ = self._rows(
                 stacked, torch.cat([targets, targets]), torch.cat([ones, -ones])
             )
             self._check_consistent(rows, batched)
-            deltas = {k: v[:n] + v[n:] for k, v in rows.items()}
-            public_sum = {k: -_at_least_fp32(v[n:]).sum(0) for k, v in rows.items()}
-            return deltas, public_sum, losses[:n]
-        full_rows, full_batched, losses = self._rows(full, targets, ones)
+            return {k: v[:n] + v[n:] for k, v in rows.items()}
+        snapshot = RngSnapshot(targets.device)
+        full_rows, full_batched, _ = self._rows(full, targets, ones)
+        snapshot.restore()
         public_rows, public_batched, _ = self._rows(public, targets, ones)
         self._check_consistent(full_rows, full_batched)
         self._check_consistent(public_rows, public_batched)
-        deltas = {k: full_rows[k] - public_rows[k] for k in full_rows}
-        return deltas, {k: _at_least_fp32(v).sum(0) for k, v in public_rows.items()}, losses
+        return {k: full_rows[k] - public_rows[k] for k in full_rows}
 
-    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
         if len(batch) == 0:
             return empty_result(self.model)
         with _restoring(self.model):
-            deltas, public_sum, losses = self._per_sample(batch)
-        return clipped_result(
-            deltas, public_sum, losses, max_grad_norm=max_grad_norm, dtype=batch.full.inputs.dtype
-        )
+            deltas = self._per_sample(batch)
+        return clipped_result(deltas, max_grad_norm=max_grad_norm)

@@ -11,10 +11,12 @@ import torch
 from torch import Tensor
 
 from maskdp.engines.base import (
+    ClippedSum,
     Engine,
     MaskedBatch,
-    MaskedGradient,
+    RngSnapshot,
     clip_factors,
+    clipped_rows,
     empty_result,
     register_engine,
     trainable_parameters,
@@ -28,44 +30,38 @@ class ReferenceEngine(Engine):
 
     name = "reference"
     priority = 1000
-    autocast_safe = True  # fp32 gradients from autograd, float64 norms
+    autocast_safe = True  # gradients upcast to float32 or wider, float64 norms
 
-    def _grad(self, sample: ModelInput, target: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _grad(self, sample: ModelInput, target: Tensor) -> list[Tensor]:
         params = list(trainable_parameters(self.model).values())
         loss = self.loss_fn(sample(self.model), target).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
-        ], loss
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
 
-    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
+    def _delta(self, batch: MaskedBatch, i: int) -> list[Tensor]:
+        r""":math:`\Delta_i = g_i - h_i`, both passes under the same random draws."""
+        target = batch.targets[i : i + 1]
+        snapshot = RngSnapshot(batch.targets.device)
+        full = self._grad(batch.full.select(i), target)
+        if batch.public is None:
+            return full
+        snapshot.restore()
+        public = self._grad(batch.public.select(i), target)
+        return [g - h for g, h in zip(full, public, strict=True)]
+
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
         if len(batch) == 0:
             return empty_result(self.model)
         names = list(trainable_parameters(self.model))
-        public_sum = [torch.zeros_like(p) for p in trainable_parameters(self.model).values()]
-        deltas, losses = [], []
-        for i in range(len(batch)):
-            target = batch.targets[i : i + 1]
-            full, loss = self._grad(batch.full.select(i), target)
-            losses.append(loss.detach())
-            if batch.public is None:
-                deltas.append(full)
-                continue
-            public, _ = self._grad(batch.public.select(i), target)
-            public_sum = [s + h for s, h in zip(public_sum, public, strict=True)]
-            deltas.append([g - h for g, h in zip(full, public, strict=True)])
+        deltas = [self._delta(batch, i) for i in range(len(batch))]
         norms = torch.stack(
             [torch.sqrt(sum((d.double() ** 2).sum() for d in delta)) for delta in deltas]
-        ).to(batch.full.inputs.dtype)
+        )
         factors = clip_factors(norms, max_grad_norm)
         private = [
-            sum(c * delta[j] for c, delta in zip(factors, deltas, strict=True))
+            clipped_rows(torch.stack([delta[j] for delta in deltas]), factors).sum(0)
             for j in range(len(names))
         ]
-        return MaskedGradient(
-            public=dict(zip(names, public_sum, strict=True)),
-            private=dict(zip(names, private, strict=True)),
-            norms=norms,
-            clip_factors=factors,
-            loss=torch.stack(losses).mean(),
+        return ClippedSum(
+            private=dict(zip(names, private, strict=True)), norms=norms, clip_factors=factors
         )

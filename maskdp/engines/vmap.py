@@ -5,7 +5,6 @@ For each record, :math:`\Delta_i = \nabla_\theta [\ell(f_\theta(x_i), y_i) -
 losses, so one ``grad`` of that difference, mapped over the batch with ``vmap``, gives every
 :math:`\Delta_i` at once (the ``functional_call`` + ``grad`` + ``vmap`` recipe of the
 torch.func per-sample-gradient tutorial). Memory: one :math:`\Delta_i` per sample, B x P.
-The public sum :math:`\sum_i h_i` is one ordinary batched backward over the public pass.
 
 Notes:
 
@@ -14,11 +13,9 @@ Notes:
 - ``randomness="different"``: random layers (dropout) draw independent masks per sample, as
   in ordinary batched training. Models that draw an unbatched random tensor and fill it in
   place (torchvision's stochastic depth in train mode) are run with ``randomness="same"``:
-  one mask per layer shared by the batch. Dropout masks are data-independent randomness, so the
-  privacy argument is unchanged; but with dropout active the ``h_i`` inside
-  :math:`\Delta_i` and the separately computed public sum use different masks (the
-  identity of DESIGN.md section 3 then holds in distribution only). Models in eval mode
-  are deterministic.
+  one mask per layer shared by the batch. Inside the mapped function the generator is
+  snapshot before the full pass and restored before the public pass, so both passes of a
+  record see the same draws and an erased record has :math:`\Delta_i = 0` exactly.
 - torch.func has no batching rule for CPU ``scaled_dot_product_attention``: it falls back
   to a loop over samples, which is correct but slow: on the default VideoViT at batch 16,
   one CPU thread, vmap took 1.1-1.3x the time of the hooks engine and 1.25-1.65x the ghost
@@ -40,9 +37,9 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from maskdp.engines.base import (
+    ClippedSum,
     Engine,
     MaskedBatch,
-    MaskedGradient,
     empty_result,
     register_engine,
     trainable_parameters,
@@ -86,23 +83,28 @@ class VmapEngine(Engine):
 
     def _per_sample(
         self, batch: MaskedBatch, params: dict[str, Tensor], constants: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """:math:`\\Delta_i` per parameter (B, *shape) and the full-pass losses (B,)."""
+    ) -> dict[str, Tensor]:
+        """:math:`\\Delta_i` per parameter (B, *shape)."""
         loss = self._sample_loss(constants)
         full, public = batch.full, batch.public
 
         if public is None:
 
             def delta(p, xf, kf, y):
-                value = loss(p, xf, kf, y)
-                return value, value.detach()
+                return loss(p, xf, kf, y)
 
             args = (full.inputs, dict(full.kwargs), batch.targets)
         else:
 
             def delta(p, xf, kf, xp, kp, y):
+                # The same random draws in both passes (module docstring).
+                state = torch.get_rng_state()
+                cuda = torch.cuda.get_rng_state(xf.device) if xf.is_cuda else None
                 value = loss(p, xf, kf, y)
-                return value - loss(p, xp, kp, y), value.detach()
+                torch.set_rng_state(state)
+                if cuda is not None:
+                    torch.cuda.set_rng_state(cuda, xf.device)
+                return value - loss(p, xp, kp, y)
 
             args = (
                 full.inputs,
@@ -117,16 +119,14 @@ class VmapEngine(Engine):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_FALLBACK_WARNING)
                 try:
-                    mapped = vmap(
-                        grad(delta, has_aux=True), in_dims=in_dims, randomness="different"
-                    )
+                    mapped = vmap(grad(delta), in_dims=in_dims, randomness="different")
                     return mapped(params, *args)
                 except RuntimeError as err:
                     if _SAME_RANDOMNESS_NEEDED not in str(err):
                         raise
                 # Random tensors drawn unbatched and filled in place (torchvision's stochastic
                 # depth) cannot differ per sample: draw them once for the whole batch.
-                mapped = vmap(grad(delta, has_aux=True), in_dims=in_dims, randomness="same")
+                mapped = vmap(grad(delta), in_dims=in_dims, randomness="same")
                 return mapped(params, *args)
         except RuntimeError as err:
             if "vmap" not in str(err) and "functorch" not in str(err):
@@ -137,28 +137,10 @@ class VmapEngine(Engine):
                 "use another engine (engine='hooks' or engine='reference')"
             ) from err
 
-    def _public_sum(self, batch: MaskedBatch, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        r""":math:`\sum_i h_i` by one batched backward of :math:`\sum_i \ell(f(\pi(r_i)), y_i)`."""
-        if batch.public is None:
-            return {n: torch.zeros_like(p) for n, p in params.items()}
-        live = trainable_parameters(self.model)
-        with torch.enable_grad():
-            total = self.loss_fn(batch.public(self.model), batch.targets).sum()
-            grads = torch.autograd.grad(total, list(live.values()), allow_unused=True)
-        return {
-            n: torch.zeros_like(p) if g is None else g
-            for (n, p), g in zip(live.items(), grads, strict=True)
-        }
-
-    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> MaskedGradient:
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
         if len(batch) == 0:
             return empty_result(self.model)
         params, constants = self._state()
-        deltas, losses = self._per_sample(batch, params, constants)
         return clipped_result(
-            deltas,
-            self._public_sum(batch, params),
-            losses,
-            max_grad_norm=max_grad_norm,
-            dtype=batch.full.inputs.dtype,
+            self._per_sample(batch, params, constants), max_grad_norm=max_grad_norm
         )
