@@ -22,9 +22,9 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
 
 import torch  # noqa: E402
+from results_file import replace_section  # noqa: E402
 
 import maskdp.audit as audit_module  # noqa: E402
-from results_file import replace_section  # noqa: E402
 
 HEADING = "## Subsampled audit (one step, q = 0.1)"
 

@@ -4,12 +4,18 @@ One run, one model, one batch, one thread. Configurations:
 
 (a) ``non-private``: a plain step on the full view (forward, backward, AdamW step);
 (b) ``two-pass floor``: a plain step on the full and the public view stacked (2B clips in
-    one forward/backward, one AdamW step): the two passes MaskDP cannot avoid;
+    one forward/backward, one AdamW step): the two passes of the private batch;
+(b2) ``three-pass floor``: the same with the public view of an independent public batch
+    of B more clips (3B clips): the three passes of DESIGN.md section 3;
 (c) ``Opacus hooks``: Opacus DP-SGD (``PrivacyEngine.make_private``,
     ``grad_sample_mode="hooks"``) on a copy of the model;
 (d) ``Opacus ghost``: Opacus ghost clipping (``grad_sample_mode="ghost"``);
 (e) ``MaskDP <engine>``: ``MaskDPOptimizer`` with each registered engine except the
-    reference loop (FillView(0.0) by default, ``--view drop`` for the token-drop view).
+    reference loop (FillView(0.0) by default, ``--view drop`` for the token-drop view), with
+    an independent public batch of B clips;
+(f) the same step with an empty public batch: the cost of MaskDP 0.1's same-batch step
+    (its public sum came free out of the private batch's two passes; that mechanism is not
+    private and no longer exists, so this is its cost, not its code).
 
 Step times: after warm-up rounds, the configurations run round-robin (one step each per
 round) and each reports the median over rounds, so slow drifts of a shared machine hit
@@ -121,13 +127,13 @@ def build_problem(args: argparse.Namespace, model_name: str) -> Problem:
 # ------------------------------------------------------------------------ configurations
 
 
-def _plain(problem: Problem, *, stacked: bool) -> Step:
+def _plain(problem: Problem, *, passes: int) -> Step:
     model = copy.deepcopy(problem.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     x, y = problem.inputs, problem.targets
-    if stacked:
-        x, y = torch.cat([problem.inputs, problem.public]), torch.cat([y, y])
+    x = torch.cat([problem.inputs, problem.public, problem.public][:passes])
+    y = torch.cat([y] * passes)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -179,7 +185,7 @@ def _opacus(problem: Problem, mode: str) -> Step:
     return step
 
 
-def _maskdp(problem: Problem, engine: str) -> Step:
+def _maskdp(problem: Problem, engine: str, *, public_batch: bool = True) -> Step:
     from maskdp.optimizer import MaskDPOptimizer
 
     model = copy.deepcopy(problem.model)
@@ -194,12 +200,17 @@ def _maskdp(problem: Problem, engine: str) -> Step:
         sample_rate=n / DATASET_SIZE,
         view=problem.view,
         engine=engine,
-        noise_generator=torch.Generator(device=problem.inputs.device).manual_seed(0),
     )
+    # The independent public batch: B other clips (here the same tensors re-used, which
+    # costs exactly what B other clips would). Without it (an empty public batch) the step
+    # costs what MaskDP 0.1's same-batch step cost, whose public sum came out of the
+    # private batch's own passes.
+    public = (problem.inputs, problem.mask, problem.targets)
+    if not public_batch:
+        public = tuple(t[:0] for t in public)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        opt.backward(problem.inputs, problem.mask, problem.targets)
+        opt.backward(problem.inputs, problem.mask, problem.targets, public=public)
         opt.step()
 
     return step
@@ -210,14 +221,22 @@ def configurations() -> dict[str, tuple[str, Callable[[Problem], Step]]]:
     from maskdp.engines.base import ENGINES, engine_names
 
     configs: dict[str, tuple[str, Callable[[Problem], Step]]] = {
-        "plain": ("(a) non-private, full view", lambda p: _plain(p, stacked=False)),
-        "floor": ("(b) two-pass floor, full + public view", lambda p: _plain(p, stacked=True)),
+        "plain": ("(a) non-private, full view", lambda p: _plain(p, passes=1)),
+        "floor": ("(b) two-pass floor, full + public view", lambda p: _plain(p, passes=2)),
+        "floor3": (
+            "(b2) three-pass floor, + public view of the public batch",
+            lambda p: _plain(p, passes=3),
+        ),
         "opacus-hooks": ("(c) Opacus DP-SGD, hooks", lambda p: _opacus(p, "hooks")),
         "opacus-ghost": ("(d) Opacus DP-SGD, ghost clipping", lambda p: _opacus(p, "ghost")),
     }
     names = [n for n in engine_names() if n not in ("auto", "reference")]
     for name in sorted(names, key=lambda n: ENGINES[n].priority):
         configs[f"maskdp-{name}"] = (f"(e) MaskDP, {name} engine", lambda p, n=name: _maskdp(p, n))
+        configs[f"maskdp-{name}-same-batch"] = (
+            f"(f) MaskDP 0.1 same-batch step (no public batch), {name} engine",
+            lambda p, n=name: _maskdp(p, n, public_batch=False),
+        )
     return configs
 
 

@@ -7,7 +7,7 @@ the smallest input of a short list that the model accepts, the script
    and puts the model in eval mode (dropout and stochastic depth would make every call,
    and so every engine, compute a different random function);
 2. calls :func:`maskdp.functional.masked_gradient` on a batch of two clips with a central
-   sensitive box, once per engine: the engine either computes the gradient (``ok``, timed,
+   sensitive box (the same clips serve as the public batch), once per engine: the engine either computes the gradient (``ok``, timed,
    and compared with the ``reference`` engine's per-sample loop) or refuses the model with
    :class:`~maskdp.errors.UnsupportedModelError` (its one-line reason is recorded);
 3. records which engine ``engine="auto"`` picks.
@@ -194,7 +194,9 @@ def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
     loss = nn.CrossEntropyLoss()
 
     def run(engine: str):
-        return masked_gradient(model, loss, x, mask, y, max_grad_norm=1.0, engine=engine)
+        return masked_gradient(
+            model, loss, x, mask, y, max_grad_norm=1.0, public=(x, mask, y), engine=engine
+        )
 
     reference = None
     for engine in ["reference", *[e for e in engines if e != "reference"]]:
@@ -229,7 +231,16 @@ def _float64_recheck(model, loss, x, mask, y, engine: str, error: float) -> str:
 
     double = copy.deepcopy(model).double()
     results = [
-        masked_gradient(double, loss, x.double(), mask, y, max_grad_norm=1.0, engine=name)
+        masked_gradient(
+            double,
+            loss,
+            x.double(),
+            mask,
+            y,
+            max_grad_norm=1.0,
+            public=(x.double(), mask, y),
+            engine=name,
+        )
         for name in (engine, "reference")
     ]
     error64 = _relative_error(*results)

@@ -133,7 +133,8 @@ def are_adjacent(d1: Sequence[Record], d2: Sequence[Record], relation: Relation 
 def stack(records: Sequence[Record]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(inputs (N, C, T, H, W), mask (N, T, H, W), targets (N,), present (N,))``.
 
-    The arguments of ``masked_gradient(model, loss, inputs, mask, targets, present=present)``.
+    The private-batch arguments of ``masked_gradient(model, loss, inputs, mask, targets,
+    present=present, public=...)``.
     """
     if len(records) == 0:
         raise InvalidInputError("stack needs at least one record (shapes come from the records)")

@@ -88,7 +88,7 @@ from maskdp.engines.base import PerSampleLoss, trainable_parameters
 from maskdp.errors import InvalidInputError
 from maskdp.functional import check_batch, masked_gradient
 from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureSeededRandomness, Randomness, SecretRandomness
+from maskdp.randomness import InsecureSeededRandomness, Randomness
 from maskdp.sampling import poisson_sample
 from maskdp.views import PublicView
 
@@ -534,7 +534,7 @@ def public_direction(
 
 
 def _audit_optimizer(
-    model: nn.Module, settings: _RunSettings, seed: int | None
+    model: nn.Module, settings: _RunSettings, seed: int
 ) -> tuple[MaskDPOptimizer, Randomness]:
     """One optimizer reused by every run (its inner state is reset per run), and the
     public batch's randomness."""
@@ -556,14 +556,12 @@ def _audit_optimizer(
     return optimizer, public
 
 
-def _randomness(seed: int | None) -> tuple[Randomness, Randomness]:
-    """(private, public) randomness of the audit: secret, or replayable from ``seed``.
+def _randomness(seed: int) -> tuple[Randomness, Randomness]:
+    """(private, public) randomness of the audit, replayable from ``seed``.
 
-    A seeded audit is an offline test of the mechanism, never a training run: its warning
-    is silenced here on purpose.
+    An audit is an offline test of the mechanism, never a training run: the warning of
+    seeded randomness is silenced here on purpose.
     """
-    if seed is None:
-        return SecretRandomness(), SecretRandomness()
     state = np.random.SeedSequence([seed]).generate_state(2, dtype=np.uint64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,20 +4,23 @@ Usage (every rank runs the same script, e.g. under ``torchrun``)::
 
     torch.distributed.init_process_group("gloo")          # or "nccl"
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = MaskDPOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), model=ddp, ...,
-        expected_batch_size=B_global, sample_rate=q, noise_generator=gen)
-    for step in range(steps):
-        x, m, y = my_shard_of(poisson_indices(step))     # this rank's part of the batch
-        optimizer.zero_grad(); optimizer.backward(x, m, y); optimizer.step()
+    _, optimizer, loader = maskdp.make_private(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1),
+        DataLoader(dataset, batch_size=B_global), noise_multiplier=1.0, max_grad_norm=1.0,
+        loss_fn=torch.nn.CrossEntropyLoss())
+    for private, public in loader:                       # this rank's shards of both batches
+        optimizer.backward(*private, public=public)
+        optimizer.step()
 
 What one logical step releases (DESIGN.md section 3), and why it is the single-process
 mechanism:
 
-- **Sampling.** Rank ``r`` Poisson-samples, at the global rate :math:`q`, the records of
-  its shard (:func:`shard_indices`: record ``i`` belongs to rank ``i mod W``). The shards
-  partition the data and every record is included independently with probability
-  :math:`q`, so the union over ranks is exactly one Poisson sample of the whole dataset at
-  rate :math:`q`: the accountant's subsampling step is unchanged.
+- **Sampling.** Rank ``r`` Poisson-samples, at the global rate :math:`q` and from its own
+  secret randomness, the records of its shard (record ``i`` belongs to rank ``i mod W``,
+  :func:`maskdp.sampling.poisson_sample`). The shards partition the data and every record
+  is included independently with probability :math:`q`, so the union over ranks is exactly
+  one Poisson sample of the whole dataset at rate :math:`q`: each sampled record enters the
+  global batch once, and the accountant's subsampling step is unchanged. The public batch
+  is split the same way, and its sums are all-reduced too.
 - **Clipped sums.** Each rank computes :math:`S_r = \sum_{i \in B_r} (h_i + c_i\Delta_i)`
   with its engine; the ranks' sums are added by one ``all_reduce(SUM)``, so every rank holds
   :math:`\sum_r S_r`, the clipped sum of the global batch.
@@ -31,9 +34,8 @@ mechanism:
   generators and differ from a single-process run; every rank adding the *same* noise from
   a synchronised generator after the all-reduce is correct only while all W generator
   states stay identical (a mis-seeded rank, or a resume that restores per-rank states,
-  silently desynchronises the models). With noise on rank 0 only, one generator (rank 0's,
-  saved in its checkpoint) determines the noise, and a W-rank run equals the single-process
-  run with the same generator up to floating-point summation order.
+  silently desynchronises the models, and a synchronised secret stream would have to be
+  shared). With noise on rank 0 only, rank 0's secret randomness alone determines the noise.
 - **Scale and account.** Every rank divides by the *global* expected batch size
   :math:`B = qN` (pass it as ``expected_batch_size``) and records one step in its ledger,
   so all ledgers are identical and a budget guard stops every rank at the same step.
@@ -141,18 +143,6 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, DistributedContext | None]:
         rank=dist.get_rank(group), world_size=dist.get_world_size(group), group=group
     )
     return model.module, context
-
-
-def shard_indices(indices: Tensor, *, rank: int, world_size: int) -> Tensor:
-    """The part of a step's Poisson indices that rank ``rank`` handles: ``i % W == rank``.
-
-    Applied to the indices of one Poisson sample of the whole dataset (drawn identically on
-    every rank from the step's seed), the W parts are disjoint and cover it, so each rank's
-    part is the Poisson sample at the same rate of its shard ``{i : i % W == rank}``.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidInputError(f"rank must be in [0, {world_size}), got {rank}")
-    return indices[indices % world_size == rank]
 
 
 def env_world() -> tuple[int, int, int] | None:

@@ -476,7 +476,7 @@ class MaskDPOptimizer(Optimizer):
             self._noisy_private,
             public_batch_size=self._public_batch_size,
             expected_batch_size=self._batch_size,
-            private_weight=0.0 if self._protect_labels else self._private_weight,
+            private_weight=self._private_weight,
             shrinkage=self._shrinkage,
             noise_std=self._sigma * self._clip,
         )
@@ -621,11 +621,13 @@ class MaskDPOptimizer(Optimizer):
                 f"steps ({noiseless}): the checkpoint is inconsistent"
             )
         replay = state_dict.get("insecure_randomness")
-        if replay is not None and not is_replayable(self._randomness):
-            raise InvalidInputError(
-                "state_dict holds an insecure (seeded) randomness state; this optimizer draws "
-                "secret randomness and will not replay it"
-            )
+        if replay is not None:
+            if not is_replayable(self._randomness):
+                raise InvalidInputError(
+                    "state_dict holds an insecure (seeded) randomness state; this optimizer "
+                    "draws secret randomness and will not replay it"
+                )
+            self._randomness.check_state(replay)  # type: ignore[attr-defined]
         inner = state_dict["optimizer"]
         if not isinstance(inner, Mapping) or len(inner.get("param_groups", ())) != len(
             self._inner.param_groups

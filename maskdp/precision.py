@@ -4,13 +4,14 @@ r"""Mixed precision for MaskDP-SGD: low-precision forward passes, fp32 privacy a
 passes of both views and the backward that follows) under
 ``torch.autocast(device_type, dtype)``: matmuls and convolutions run in bf16/fp16, while
 
-- the clipped sums an engine returns are taken in fp32 (below) and the optimizer casts
-  them to the parameter's dtype before accumulating micro-batches;
-- per-sample norms are accumulated in float64 by every engine (autocast never touches
-  float64) and returned in the input dtype; clip factors :math:`c_i = \min(1, C/\lVert
-  \Delta_i \rVert)` are computed from them in fp32;
-- the noise :math:`N(0, \sigma^2 C^2 I)` is drawn in the parameter dtype (fp32) after the
-  engine call, outside the autocast region, and so is the division by :math:`B`.
+- the clipped sums an engine returns are taken in float32 or wider (the parameter dtype
+  promoted to float32) and the optimizer accumulates micro-batches in that dtype;
+- per-sample norms are accumulated and returned in float64 by every engine (autocast never
+  touches float64), and so are the clip factors :math:`c_i = \min(1, C/\lVert \Delta_i
+  \rVert)`;
+- the noise :math:`N(0, \sigma^2 C^2 I)` is drawn in float32 or wider (from secret
+  randomness) after the engine call, outside the autocast region, and so are the divisions
+  by the expected batch sizes; only the released gradient is cast to the parameter dtype.
 
 The privacy argument needs :math:`\lVert c_i \Delta_i \rVert \le C` for the contribution
 that is actually summed, and a sum whose rounding does not depend on the other records

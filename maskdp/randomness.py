@@ -113,7 +113,16 @@ class InsecureSeededRandomness:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "state": self._generator.get_state()}
 
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Raise :class:`InvalidInputError` unless ``state`` is a :meth:`state_dict` output."""
+        try:
+            torch.Generator().set_state(state["state"])
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise InvalidInputError(f"insecure_randomness state is invalid: {err}") from None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self._generator.set_state(state["state"])
 
     def __repr__(self) -> str:

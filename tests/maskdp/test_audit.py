@@ -237,6 +237,11 @@ def test_plant_canary_touches_only_its_region() -> None:
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"canary_scale": -1.0}, "canary_scale"),
         ({"canary_pattern": [1.0]}, "canary_pattern"),
+        ({"seed": -1}, "seed"),
+        ({"seed": None}, "seed"),
+        ({"public_sample_rate": 1.5}, "public_sample_rate"),
+        ({"public_scale": 0.0}, "public_scale"),
+        ({"score": "loss"}, "score"),
     ],
 )
 def test_audit_refuses_bad_input(kwargs: dict, match: str) -> None:
@@ -285,6 +290,11 @@ def test_result_fields_reproducibility_and_rng_hygiene() -> None:
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
     again = audit(tiny_cnn, tiny_data(), sample_rate=0.5, seed=3, **settings)
     assert first.scores_in == again.scores_in and first.scores_out == again.scores_out
+    assert torch.equal(torch.get_rng_state(), before)
+    # The seed fixes the whole audit (initial model, pattern, sampling, noise): another
+    # seed, other scores.
+    other = audit(tiny_cnn, tiny_data(), sample_rate=0.5, seed=4, **settings)
+    assert other.scores_in != first.scores_in and other.scores_out != first.scores_out
     assert isinstance(first, AuditResult)
     assert first.calibration_trials == 2 and len(first.scores_in) == len(first.scores_out) == 4
     assert first.counts.positives == first.counts.negatives == 2

@@ -286,7 +286,9 @@ def test_works_with_a_dataloader_and_masked_gradient() -> None:
     from maskdp.models import VideoViT
 
     data = SyntheticPrivateActions(size=6, scenario="person", mask_kind="box")
-    clips, masks, labels = next(iter(DataLoader(data, batch_size=4, shuffle=False)))
+    batches = iter(DataLoader(data, batch_size=4, shuffle=False))
+    clips, masks, labels = next(batches)
+    public = next(batches)  # the other two clips: an independent public batch
     assert clips.shape == (4, 3, 8, 32, 32) and masks.dtype == torch.bool
     assert labels.dtype == torch.int64 and labels.shape == (4,)
     torch.manual_seed(0)
@@ -298,10 +300,14 @@ def test_works_with_a_dataloader_and_masked_gradient() -> None:
         masks,
         labels,
         max_grad_norm=0.5,
+        public=public,
         engine="reference",
     )
-    assert set(result.private) == {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(result.private) == set(result.public) == trainable
     assert result.norms.shape == (4,) and bool((result.norms > 0).all())
+    assert result.public_count == 2 and torch.isfinite(result.public_loss)
+    assert any(bool(g.abs().sum() > 0) for g in result.public.values())
     assert all(torch.isfinite(g).all() for g in result.total().values())
 
 

@@ -10,6 +10,7 @@ to ~1e-10 and any algebra slip shows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -19,9 +20,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from maskdp.engines.base import MaskedBatch, MaskedGradient, resolve_engine
+from maskdp.engines.base import ClippedSum, MaskedBatch, resolve_engine
 from maskdp.engines.ghost import GhostEngine, plan_layers
-from maskdp.engines.ghost_layers import RULES, Pair, Pass, conv_patches, layer_result, rule_for
+from maskdp.engines.ghost_layers import (
+    RULES,
+    Pair,
+    Pass,
+    conv_patches,
+    layer_result,
+    rule_for,
+    zero_dropped,
+)
 from maskdp.engines.reference import ReferenceEngine
 from maskdp.errors import UnsupportedModelError
 from maskdp.functional import make_batch, masked_gradient
@@ -50,14 +59,13 @@ def _per_sample(module: nn.Module, inputs: Tensor, grad: Tensor) -> dict[str, Te
 def _truth(module, xf, gf, xp, gp, factors):
     full = _per_sample(module, xf, gf)
     if xp is None:
-        deltas, public = full, {}
+        deltas = full
     else:
         pub = _per_sample(module, xp, gp)
         deltas = {k: full[k] + pub[k] for k in full}
-        public = {k: -v.sum(0) for k, v in pub.items()}
     sq = sum(d.flatten(1).square().sum(1) for d in deltas.values())
     private = {k: torch.einsum("i,i...->...", factors, d) for k, d in deltas.items()}
-    return sq, public, private
+    return sq, private
 
 
 def _pair(xf, gf, xp, gp, stacked: bool) -> Pair:
@@ -76,17 +84,14 @@ def _check_rule(module: nn.Module, xf: Tensor, xp: Tensor | None, mode: str, sta
     gf = torch.randn(module(xf).shape, generator=gen, dtype=torch.float64)
     gp = None if xp is None else torch.randn(module(xp).shape, generator=gen, dtype=torch.float64)
     factors = torch.rand(xf.shape[0], generator=gen, dtype=torch.float64)
-    sq, public, private = _truth(module, xf, gf, xp, gp, factors)
+    sq, private = _truth(module, xf, gf, xp, gp, factors)
     names = frozenset(k for k, _ in module.named_parameters())
     result = layer_result(RULES[type(module)], module, _pair(xf, gf, xp, gp, stacked), names, mode)
+    assert not hasattr(result, "public")  # no public sum over the private batch
     torch.testing.assert_close(result.sq_norms.double(), sq, rtol=RTOL, atol=1e-12)
-    assert result.public.keys() == public.keys()
-    for k in public:  # results may come flattened: compare values in the parameter's shape
-        got = result.public[k].reshape(public[k].shape)
-        torch.testing.assert_close(got, public[k], rtol=RTOL, atol=1e-12)
     got = result.private(factors)
     assert got.keys() == private.keys()
-    for k in private:
+    for k in private:  # results may come flattened: compare values in the parameter's shape
         torch.testing.assert_close(
             got[k].reshape(private[k].shape), private[k], rtol=RTOL, atol=1e-12
         )
@@ -182,6 +187,48 @@ def test_linear_rule_any_shape(n, rows, d, p, mode, stacked):
     _check_rule(nn.Linear(d, p), _x(n, rows, d, seed=1), _x(n, rows, d, seed=2), mode, stacked)
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+@pytest.mark.parametrize("case", ["linear_3d", "conv3d_tubelet", "embedding", "layer_norm"])
+def test_non_finite_sample_with_zero_factor_adds_nothing(case, mode, stacked):
+    """A sample whose output gradient is NaN has a non-finite squared norm; with c_i = 0 it
+    adds exact zeros to the weighted sum (never 0 * NaN), which then equals the truth over
+    the other samples."""
+    torch.manual_seed(0)
+    make_module, make_input = LAYER_CASES[case]
+    module = make_module().double()
+    xf, xp = make_input(1), make_input(2)
+    gen = torch.Generator().manual_seed(3)
+    gf = torch.randn(module(xf).shape, generator=gen, dtype=torch.float64)
+    gp = torch.randn(module(xp).shape, generator=gen, dtype=torch.float64)
+    gf[1] = float("nan")
+    factors = torch.rand(xf.shape[0], generator=gen, dtype=torch.float64)
+    factors[1] = 0.0
+    keep = torch.tensor([i for i in range(xf.shape[0]) if i != 1])
+    sq, private = _truth(module, xf[keep], gf[keep], xp[keep], gp[keep], factors[keep])
+    names = frozenset(k for k, _ in module.named_parameters())
+    result = layer_result(RULES[type(module)], module, _pair(xf, gf, xp, gp, stacked), names, mode)
+    assert not torch.isfinite(result.sq_norms[1])
+    torch.testing.assert_close(result.sq_norms[keep].double(), sq, rtol=RTOL, atol=1e-12)
+    got = result.private(factors)
+    assert got.keys() == private.keys()
+    for k in private:
+        torch.testing.assert_close(
+            got[k].reshape(private[k].shape), private[k], rtol=RTOL, atol=1e-12
+        )
+
+
+def test_zero_dropped_zeroes_whole_rows_of_dropped_samples():
+    rows = _x(6, 4)
+    rows[2, 1] = float("inf")
+    rows[3, 0] = float("nan")
+    factors = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64)  # groups of 2 rows
+    out = zero_dropped(rows, factors, groups=2)
+    assert torch.equal(out[2:4], torch.zeros(2, 4, dtype=torch.float64))
+    assert torch.equal(out[[0, 1, 4, 5]], rows[[0, 1, 4, 5]])
+    assert zero_dropped(rows, torch.ones(3, dtype=torch.float64), groups=2) is rows
+
+
 def test_ghost_norm_of_identical_passes_is_exactly_zero():
     """An erased record's two passes agree: the difference form gives 0 without cancellation."""
     layer = nn.Linear(8, 5).double()
@@ -234,24 +281,32 @@ def clips(n: int, seed: int = 1, p: float = 0.3, dtype=torch.float64):
     return x, mask, torch.randint(0, 3, (n,), generator=gen)
 
 
-def run(engine, model, batch: MaskedBatch, clip: float = CLIP) -> MaskedGradient:
-    return engine(model, nn.CrossEntropyLoss()).compute(batch, max_grad_norm=clip)
+def run(engine, model, batch: MaskedBatch, clip: float = CLIP) -> ClippedSum:
+    result = engine(model, nn.CrossEntropyLoss()).compute(batch, max_grad_norm=clip)
+    assert isinstance(result, ClippedSum)
+    return result
+
+
+def no_draws(batch: MaskedBatch) -> MaskedBatch:
+    """The batch as the model probe marks a model that draws no random numbers: the two
+    passes may then be stacked into one call."""
+    return dataclasses.replace(batch, random=False)
 
 
 def ghost(**kw):
     return lambda model, loss: GhostEngine(model, loss, **kw)
 
 
-def assert_matches(got: MaskedGradient, want: MaskedGradient, rtol: float = RTOL) -> None:
+def assert_matches(got, want, rtol: float = RTOL) -> None:
+    """Norms, clip factors (float64) and private sums of ``got`` agree with ``want``."""
+    assert got.norms.dtype == got.clip_factors.dtype == torch.float64
     torch.testing.assert_close(got.norms, want.norms, rtol=rtol, atol=1e-12)
     torch.testing.assert_close(got.clip_factors, want.clip_factors, rtol=rtol, atol=1e-12)
-    torch.testing.assert_close(got.loss, want.loss, rtol=rtol, atol=1e-12)
-    for part in ("public", "private"):
-        g, w = getattr(got, part), getattr(want, part)
-        assert list(g) == list(w)
-        for name in w:
-            scale = float(w[name].abs().max()) or 1.0
-            torch.testing.assert_close(g[name], w[name], rtol=rtol, atol=rtol * scale, msg=name)
+    assert list(got.private) == list(want.private)
+    for name in want.private:
+        g, w = got.private[name], want.private[name]
+        scale = float(w.abs().max()) or 1.0
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale, msg=name)
 
 
 class Calls:
@@ -267,14 +322,21 @@ class Calls:
 
 @pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
 @pytest.mark.parametrize(
-    "view_name, stack, calls",
-    [("fill", True, 1), ("drop", True, 1), ("drop", False, 2), ("fill", False, 2)],
+    "view_name, stack, random, calls",
+    [
+        ("fill", True, False, 1),
+        ("drop", True, False, 1),
+        ("drop", False, False, 2),
+        ("fill", False, False, 2),
+        ("fill", True, True, 2),  # a random model never stacks: both passes need the same draws
+        ("drop", True, True, 2),
+    ],
 )
-def test_vit_matches_reference(view_name, stack, calls, mode):
+def test_vit_matches_reference(view_name, stack, random, calls, mode):
     model = small_vit()
     x, mask, y = clips(3)
     view = FillView(0.0) if view_name == "fill" else DropView.for_model(model)
-    batch = make_batch(view, x, mask, y)
+    batch = dataclasses.replace(make_batch(view, x, mask, y), random=random)
     counter = Calls(model)
     got = run(ghost(stack=stack, mode=mode), model, batch)
     counter.handle.remove()
@@ -294,7 +356,7 @@ def test_protect_labels_matches_reference(model_fn):
     model = model_fn()
     batch = make_batch(FillView(0.0), *clips(3), protect_labels=True)
     got = run(GhostEngine, model, batch)
-    assert all(float(v.abs().max()) == 0.0 for v in got.public.values())
+    assert batch.public is None and (got.norms > 0).all()
     assert_matches(got, run(ReferenceEngine, model, batch))
 
 
@@ -315,7 +377,7 @@ def test_erased_record_has_zero_norm_and_no_private_part(view_name, stack, mode)
     x, mask, y = clips(3, p=0.4)
     view = FillView(0.0) if view_name == "fill" else DropView.for_model(model)
     present = torch.tensor([True, False, True])
-    batch = make_batch(view, x, mask, y, present=present)
+    batch = no_draws(make_batch(view, x, mask, y, present=present))
     got = run(ghost(stack=stack, mode=mode), model, batch)
     assert float(got.norms[1]) <= 1e-12 * float(got.norms.max())
     keep = torch.tensor([0, 2])
@@ -333,7 +395,7 @@ def test_empty_batch():
     assert got.norms.shape == (0,) and got.clip_factors.shape == (0,)
     for name, param in model.named_parameters():
         assert got.private[name].shape == param.shape and not got.private[name].any()
-        assert not got.public[name].any()
+        assert got.private[name].dtype == param.dtype
 
 
 @pytest.mark.parametrize("model_fn", [small_vit, small_cnn])
@@ -355,24 +417,36 @@ def test_float32_reference_vit_close_to_float64_truth():
     got = run(GhostEngine, model, make_batch(FillView(0.0), x, mask, y), clip=0.1)
     model64 = copy.deepcopy(model).double()
     truth = run(ReferenceEngine, model64, make_batch(FillView(0.0), x.double(), mask, y), 0.1)
-    torch.testing.assert_close(got.norms.double(), truth.norms, rtol=1e-5, atol=0)
-    for part in ("public", "private"):
-        for name, want in getattr(truth, part).items():
-            err = (getattr(got, part)[name].double() - want).norm() / want.norm()
-            assert err < 1e-4, (part, name, float(err))
+    assert got.norms.dtype == torch.float64
+    torch.testing.assert_close(got.norms, truth.norms, rtol=1e-5, atol=0)
+    for name, want in truth.private.items():
+        assert got.private[name].dtype == torch.float32
+        err = (got.private[name].double() - want).norm() / want.norm()
+        assert err < 1e-4, (name, float(err))
 
 
 def test_masked_gradient_entry_point_and_auto():
     model = small_vit()
     x, mask, y = clips(2)
+    public = clips(3, seed=5)
     assert resolve_engine("ghost", model) is GhostEngine
     got = masked_gradient(
-        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="ghost"
+        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="ghost", public=public
     )
     want = masked_gradient(
-        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="reference"
-    )
+        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="reference",
+        public=public,
+    )  # fmt: skip
     assert_matches(got, want)
+    # The public term is one plain backward over the public batch, whatever the engine.
+    params = dict(model.named_parameters())
+    xs, ms, ys = public
+    loss = F.cross_entropy(FillView(0.5).public(xs, ms)(model), ys, reduction="sum")
+    plain = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    assert got.public_count == 3
+    torch.testing.assert_close(got.public_loss, loss.detach(), rtol=RTOL, atol=1e-12)
+    for name, value in plain.items():
+        torch.testing.assert_close(got.public[name], value, rtol=RTOL, atol=1e-12, msg=name)
 
 
 def test_leaves_model_untouched():
@@ -576,7 +650,7 @@ def test_no_parameter_gradient_is_computed(stack):
         p.register_hook(lambda g, name=name: fired.append(name))
         for name, p in model.named_parameters()
     ]
-    batch = make_batch(FillView(0.0), *clips(2))
+    batch = no_draws(make_batch(FillView(0.0), *clips(2)))
     run(ghost(stack=stack), model, batch)
     for handle in handles:
         handle.remove()
@@ -610,14 +684,16 @@ def test_reused_buffers_never_leak_into_results(stack):
     engine = GhostEngine(model, nn.CrossEntropyLoss(), stack=stack)
     first_batch = make_batch(FillView(0.0), *clips(2, seed=1))
     first = engine.compute(first_batch, max_grad_norm=CLIP)
-    saved = {k: v.clone() for k, v in {**first.private, **first.public}.items()}
+    saved = {k: v.clone() for k, v in first.private.items()}
+    saved_norms = first.norms.clone()
     fresh = GhostEngine(model, nn.CrossEntropyLoss(), stack=stack, reuse_buffers=False)
     for n, seed in ((3, 2), (1, 3)):
-        batch = make_batch(FillView(0.0), *clips(n, seed=seed))
+        batch = no_draws(make_batch(FillView(0.0), *clips(n, seed=seed)))
         got = engine.compute(batch, max_grad_norm=CLIP)
         assert_matches(got, fresh.compute(batch, max_grad_norm=CLIP), rtol=1e-12)
-    for k, v in {**first.private, **first.public}.items():
+    for k, v in first.private.items():
         assert torch.equal(v, saved[k])
+    assert torch.equal(first.norms, saved_norms)
     assert engine.workspace is not None and not engine.workspace.used
     engine.close()
 
@@ -635,7 +711,8 @@ def test_bf16_autocast_keeps_the_clipping_bound(model_fn, stack):
         batch = make_batch(FillView(0.0), x[i : i + 1], mask[i : i + 1], y[i : i + 1])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = engine.compute(batch, max_grad_norm=clip)
-        assert got.norms.dtype == torch.float32 and bool((got.norms > clip).all())
+        assert got.norms.dtype == got.clip_factors.dtype == torch.float64
+        assert bool((got.norms > clip).all())
         assert all(v.dtype == torch.float32 for v in got.private.values())
         total = torch.sqrt(sum((v.double() ** 2).sum() for v in got.private.values()))
         assert abs(float(total) / clip - 1) < 1e-5

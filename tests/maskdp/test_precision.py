@@ -3,15 +3,16 @@
 - Every autocast-safe engine (reference, vmap, hooks), on a ViT and a CNN under CPU bf16
   autocast: the contribution of each record to the released sum, measured as the change of
   the clipped sum when the record is erased (the erase relation itself) and as the clipped
-  sum of the record alone, has norm <= C (1 + 1e-5); norms, clip factors and sums are fp32;
-  autocast really ran (the norms differ from the fp32 ones, by under 5%).
+  sum of the record alone, has norm <= C (1 + 1e-5); norms and clip factors are float64,
+  sums fp32; autocast really ran (the norms differ from the fp32 ones, by under 5%).
 - The ghost engine (which upcasts captured activations and reduces with autocast off)
   meets the same bound; the optimizer refuses autocast with any engine that does not
   declare ``autocast_safe``.
 - Regression: the hooks engine's consistency check no longer refuses an fp32 CNN whose
   conv bias (followed by GroupNorm) has an exact gradient of 0 (rows of rounding noise).
-- MaskDPOptimizer(autocast=bf16): p.grad is fp32 and equals (the engine's clipped sum + an
-  fp32 Gaussian draw from the same generator) / B.
+- MaskDPOptimizer(autocast=bf16): p.grad is fp32 and equals the public gradient of the
+  public batch (one backward under the same autocast) / B_pub + (the engine's clipped sum +
+  an fp32 Gaussian draw from the same seed) / B.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import pytest
 import torch
 from torch import nn
 
-from maskdp.engines.base import resolve_engine
+from maskdp.engines.base import per_sample_loss, resolve_engine
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.functional import make_batch
+from maskdp.functional import make_batch, public_gradient
 from maskdp.models import SmallVideoCNN, VideoViT
 from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
 from maskdp.views import FillView
 
 SAFE = ("reference", "vmap", "hooks")
@@ -40,8 +42,8 @@ def make_model(kind: str) -> nn.Module:
     return SmallVideoCNN(num_classes=3, width=4)
 
 
-def data(n: int = N):
-    gen = torch.Generator().manual_seed(3)
+def data(n: int = N, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 4, 16, 16, generator=gen)
     m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
     y = torch.randint(0, 3, (n,), generator=gen)
@@ -81,8 +83,8 @@ def test_contributions_stay_bounded_under_bf16_autocast(name: str, kind: str) ->
     engine = resolve_engine(name, model)(model, nn.CrossEntropyLoss())
     x, m, y = data()
     low, full = compute(engine, x, m, y), compute(engine, x, m, y, autocast=False)
-    assert low.norms.dtype == low.clip_factors.dtype == torch.float32
-    assert all(t.dtype == torch.float32 for t in (*low.private.values(), *low.public.values()))
+    assert low.norms.dtype == low.clip_factors.dtype == torch.float64
+    assert all(t.dtype == torch.float32 for t in low.private.values())
     assert (low.norms > C).all()  # every record is clipped: the bound is exercised
     assert not torch.equal(low.norms, full.norms)  # autocast did run in bf16 ...
     torch.testing.assert_close(low.norms, full.norms, rtol=5e-2, atol=0)  # ... and is close
@@ -128,8 +130,10 @@ def test_autocast_option_is_validated(dtype) -> None:
 
 
 def test_optimizer_noise_and_division_stay_fp32_under_autocast() -> None:
-    sigma, batch_size = 2.0, 4
+    sigma, batch_size, public_size = 2.0, 4, 6
     model = make_model("vit")
+    with pytest.warns(InsecureRandomnessWarning):
+        randomness = InsecureSeededRandomness(9)
     optimizer = MaskDPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0),
         model=model,
@@ -137,23 +141,32 @@ def test_optimizer_noise_and_division_stay_fp32_under_autocast() -> None:
         noise_multiplier=sigma,
         max_grad_norm=C,
         expected_batch_size=batch_size,
+        expected_public_batch_size=public_size,
         sample_rate=0.1,
         view=FillView(0.0),  # the view of compute() below
         engine="vmap",
-        noise_generator=torch.Generator().manual_seed(9),
+        randomness=randomness,
         autocast=BF16,
     )
     assert optimizer.autocast is BF16
     x, m, y = data()
-    optimizer.zero_grad()
-    optimizer.backward(x, m, y)
+    public = data(5, seed=4)
+    loss = optimizer.backward(x, m, y, public=public)
     optimizer.step()
-    # The same clipped sum from the engine under autocast, and fp32 noise from the same seed.
+    # The same clipped sum from the engine under autocast, the public sum of one backward
+    # under the same autocast, and fp32 noise from the same seed.
     engine = resolve_engine("vmap", model)(model, nn.CrossEntropyLoss())
-    clipped = compute(engine, x, m, y).total()
+    clipped = compute(engine, x, m, y).private
+    with torch.autocast("cpu", dtype=BF16):
+        public_sum, public_loss, count = public_gradient(
+            model, per_sample_loss(nn.CrossEntropyLoss()), FillView(0.0), public
+        )
+    assert count == 5
+    torch.testing.assert_close(loss, public_loss / 5, atol=0, rtol=0)
     gen = torch.Generator().manual_seed(9)
     for name, p in model.named_parameters():
         assert p.grad.dtype == torch.float32
+        assert public_sum[name].dtype == clipped[name].dtype == torch.float32
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * (sigma * C)
-        expected = (clipped[name] + noise) / batch_size
+        expected = public_sum[name] / public_size + (clipped[name] + noise) / batch_size
         torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=0)

@@ -1,4 +1,7 @@
-"""``prepare``: BatchNorm to GroupNorm, in-place activations off, on a copy of the model."""
+"""``prepare``: BatchNorm to GroupNorm, in-place activations off, on a copy of the model.
+
+A prepared model also passes the behaviour probe of ``maskdp.validate`` (no buffer changes
+in a train-mode forward), which the original fails."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from torch import nn
 from maskdp.errors import InvalidInputError
 from maskdp.models import SmallVideoCNN, prepare
 from maskdp.models.preparation import group_count
-from maskdp.validate import validate_model
+from maskdp.validate import probe_model, validate_model
+from maskdp.views import ModelInput
 
 
 def test_r3d18_is_made_safe_and_the_original_is_untouched():
@@ -36,8 +40,11 @@ def test_r3d18_is_made_safe_and_the_original_is_untouched():
     assert gn.num_groups == 32 and gn.eps == bn.eps
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     assert any("ReLU(inplace=True) -> ReLU()" in c for c in changes)
-    x = torch.rand(1, 3, 2, 16, 16)
-    assert model(x).shape == (1, 3)
+    x = torch.rand(2, 3, 2, 16, 16)
+    assert model(x).shape == (2, 3)
+    assert probe_model(model.train(), ModelInput(x)).changed_buffers == ()
+    changed = probe_model(original.train(), ModelInput(x)).changed_buffers
+    assert "stem.1.running_mean" in changed and "layer1.0.conv1.1.num_batches_tracked" in changed
 
 
 def test_model_without_batchnorm_is_returned_unchanged():
@@ -78,6 +85,9 @@ def test_root_batchnorm_and_instance_norm_with_running_stats():
     validate_model(prepared)
     assert not prepared[1].track_running_stats and "running_mean" not in prepared.state_dict()
     assert len(changes) == 1
+    x = ModelInput(torch.rand(2, 3, 2, 4, 4))
+    assert probe_model(prepared.train(), x).changed_buffers == ()
+    assert "1.running_mean" in probe_model(inorm.train(), x).changed_buffers
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,9 @@
-"""make_private / make_private_with_epsilon: three values, a Poisson loader, a working loop."""
+"""make_private / make_private_with_epsilon: three values, a paired Poisson loader, a working loop.
+
+The loader yields ``(private, public)``: a Poisson batch at rate q and a public batch drawn
+independently at rate q_pub (default q); sampling and noise are secret unless a test passes
+seeded (insecure) randomness.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ from accounting.calibration import calibrate_noise
 from accounting.events import PoissonGaussianEvent
 from accounting.ledger import PrivacyLedger
 from maskdp.data import PoissonDataLoader
+from maskdp.data.poisson import MaskDPDataLoader, StepBatches
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded
 from maskdp.models import VideoViT
 from maskdp.optimizer import MaskDPOptimizer
 from maskdp.privacy import make_private, make_private_with_epsilon
+from maskdp.randomness import InsecureSeededRandomness, SecretRandomness
+
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
@@ -31,7 +40,7 @@ def dataset(n: int = 24) -> TensorDataset:
     return TensorDataset(x, m, y)
 
 
-def setup(seed: int = 0, **kw):
+def setup(**kw):
     model = tiny_vit()
     loader = DataLoader(dataset(), batch_size=4, shuffle=True)
     args = dict(
@@ -39,28 +48,37 @@ def setup(seed: int = 0, **kw):
         max_grad_norm=1.0,
         loss_fn=nn.CrossEntropyLoss(),
         engine="reference",
-        generator=torch.Generator().manual_seed(seed),
     )
     args.update(kw)
     return make_private(model, torch.optim.AdamW(model.parameters(), lr=1e-3), loader, **args)
 
 
 def train(model, optimizer, loader):
-    for x, m, y in loader:
-        optimizer.zero_grad()
-        loss = optimizer.backward(x, m, y)
+    for private, public in loader:
+        loss = optimizer.backward(*private, public=public)
         optimizer.step()
-        assert torch.isfinite(loss)
+        # the mean public loss; nan exactly when the public batch is empty
+        assert loss.shape == () and bool(torch.isfinite(loss)) == (len(public[2]) > 0)
 
 
-def test_make_private_returns_model_wrapper_and_poisson_loader():
+def test_make_private_returns_model_wrapper_and_paired_poisson_loader():
     result = setup()
     assert isinstance(result, tuple) and len(result) == 3
     model, optimizer, loader = result
     keys = list(model.state_dict())
-    assert isinstance(optimizer, MaskDPOptimizer) and isinstance(loader, PoissonDataLoader)
+    assert isinstance(optimizer, MaskDPOptimizer) and isinstance(loader, MaskDPDataLoader)
+    assert isinstance(loader.private, PoissonDataLoader)
+    assert isinstance(loader.public, PoissonDataLoader)
+    assert loader.private is not loader.public
     assert optimizer.sample_rate == loader.sample_rate == pytest.approx(4 / 24)
-    assert optimizer.expected_batch_size == 4 and len(loader) == 6
+    assert loader.public_sample_rate == pytest.approx(4 / 24)
+    assert optimizer.expected_batch_size == optimizer.expected_public_batch_size == 4
+    assert len(loader) == len(loader.private) == len(loader.public) == 6
+    assert isinstance(optimizer.randomness, SecretRandomness)
+    item = next(iter(loader))
+    assert isinstance(item, StepBatches) and len(item) == 2
+    assert [len(t) for t in item.private] == [len(item.private[0])] * 3
+    assert [t.shape[1:] for t in item.public] == [t.shape[1:] for t in dataset().tensors]
     train(model, optimizer, loader)
     assert optimizer.steps == 6
     assert optimizer.ledger == PrivacyLedger([PoissonGaussianEvent(4 / 24, 1.0, 6)])
@@ -68,38 +86,93 @@ def test_make_private_returns_model_wrapper_and_poisson_loader():
     assert list(model.state_dict()) == keys and type(model) is VideoViT
 
 
-def test_make_private_loader_is_poisson():
-    """Batch sizes over many batches: mean qN, variance qN(1 - q), some empty."""
-    n, b = 20, 2
-    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n))
+def index_data(n: int) -> TensorDataset:
+    """Records whose input is their index (to see which records each batch holds)."""
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    return TensorDataset(x, torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n))
+
+
+def test_make_private_loader_is_poisson_and_the_public_batch_independent():
+    """Over many steps, both batch sizes have mean qN and variance qN(1 - q), some are
+    empty, and the number of records in both batches of a step has mean N q q_pub (an
+    independent draw; a public batch tied to the private one would give about qN)."""
+    n, b, b_pub = 20, 2, 4
     model = tiny_vit()
     _, optimizer, loader = make_private(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(data, batch_size=b, shuffle=True),
+        DataLoader(index_data(n), batch_size=b, shuffle=True),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         loss_fn=nn.CrossEntropyLoss(),
         engine="reference",
-        generator=torch.Generator().manual_seed(0),
+        public_batch_size=b_pub,
     )
-    q = optimizer.sample_rate
-    sizes = torch.tensor([len(x) for _ in range(200) for x, _, _ in loader], dtype=torch.float64)
-    mean, var = n * q, n * q * (1 - q)
-    assert q == b / n and len(sizes) == 2000
-    assert abs(float(sizes.mean()) - mean) < 5 * (var / len(sizes)) ** 0.5
-    assert abs(float(sizes.var()) / var - 1) < 0.15
-    assert (sizes == 0).any() and sizes.max() > 2 * b
+    q, q_pub = optimizer.sample_rate, loader.public_sample_rate
+    assert q == b / n and q_pub == b_pub / n and optimizer.expected_public_batch_size == b_pub
+    private, public, both = [], [], []
+    for _ in range(200):
+        for (x, _, _), (u, _, _) in loader:
+            private.append(len(x))
+            public.append(len(u))
+            both.append(len(set(x.flatten().tolist()) & set(u.flatten().tolist())))
+    assert len(private) == 2000
+    for sizes, rate in ((private, q), (public, q_pub)):
+        sizes = torch.tensor(sizes, dtype=torch.float64)
+        mean, var = n * rate, n * rate * (1 - rate)
+        assert abs(float(sizes.mean()) - mean) < 5 * (var / len(sizes)) ** 0.5
+        assert abs(float(sizes.var()) / var - 1) < 0.15
+        assert (sizes == 0).any() and sizes.max() > 2 * n * rate
+    both = torch.tensor(both, dtype=torch.float64)
+    p = q * q_pub  # per record and step: in both batches
+    mean, sd = n * p, (n * p * (1 - p) / len(both)) ** 0.5
+    assert abs(float(both.mean()) - mean) < 5 * sd, (float(both.mean()), mean)
 
 
-def test_make_private_is_reproducible_from_its_generator():
-    runs = []
-    for _ in range(2):
-        model, optimizer, loader = setup(seed=5)
+@SEEDED
+def test_make_private_is_reproducible_only_with_seeded_test_randomness():
+    def trained(**kw):
+        model, optimizer, loader = setup(**kw)
         train(model, optimizer, loader)
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+        return [p.detach().clone() for p in model.parameters()]
+
+    def seeded():
+        return dict(
+            randomness=InsecureSeededRandomness(5), public_randomness=InsecureSeededRandomness(6)
+        )
+
+    a, b = trained(**seeded()), trained(**seeded())
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    secret = [trained(), trained()]  # the default: fresh secret sampling and noise
+    assert not torch.equal(secret[0][0], secret[1][0])
+    assert not torch.equal(secret[0][0], a[0])
+
+
+def test_make_private_refuses_generator_seeding():
+    with pytest.raises(InvalidInputError, match="torch.Generator"):
+        setup(randomness=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidInputError, match="torch.Generator"):
+        setup(public_randomness=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="generator"):
+        setup(generator=torch.Generator().manual_seed(0))
+
+
+def test_make_private_with_protect_labels_has_no_public_batch():
+    model, optimizer, loader = setup(protect_labels=True)
+    assert loader.public is None and loader.public_sample_rate is None
+    for private, public in loader:
+        assert public is None
+        loss = optimizer.backward(*private)
+        optimizer.step()
+        assert bool(torch.isnan(loss))  # no public batch, no public loss
+    assert optimizer.steps == 6
+
+
+def test_public_batch_size_is_validated():
+    with pytest.raises(InvalidInputError, match="public_batch_size"):
+        setup(public_batch_size=25)
+    with pytest.raises(InvalidInputError, match="public_batch_size"):
+        setup(public_batch_size=0)
 
 
 def test_make_private_accepts_a_poisson_loader_and_keeps_its_rate():
@@ -115,6 +188,8 @@ def test_make_private_accepts_a_poisson_loader_and_keeps_its_rate():
         engine="reference",
     )
     assert optimizer.sample_rate == loader.sample_rate == 0.25
+    assert loader.private is not poisson and loader.private.sample_rate == 0.25
+    assert loader.public_sample_rate == 0.25 and len(loader.public) == 3
     assert optimizer.expected_batch_size == 6 and len(loader) == 3
 
 
@@ -151,9 +226,12 @@ def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
     assert optimizer.noise_multiplier == calibrate_noise(
         target, delta, sample_rate=4 / 24, steps=steps, accountant="rdp"
     )
+    assert isinstance(loader, MaskDPDataLoader) and len(loader) == len(data_loader)
     for _ in range(steps):  # empty steps: the accounting does not depend on the data
-        optimizer.zero_grad()
         optimizer.step()
+    assert optimizer.ledger == PrivacyLedger(
+        [PoissonGaussianEvent(4 / 24, optimizer.noise_multiplier, steps)]
+    )
     assert optimizer.epsilon() <= target
     with pytest.raises(PrivacyBudgetExceeded):
         optimizer.step()

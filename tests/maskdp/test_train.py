@@ -1,4 +1,9 @@
-"""The ``maskdp train`` main job: run directory, metrics, resume, evaluate, bad input."""
+"""The ``maskdp train`` main job: run directory, metrics, resume, evaluate, export, bad input.
+
+Noise and sampling draw secret OS entropy: two runs of one config give different weights
+(the config's ``seed`` fixes public things only), and a resumed run continues the ledger
+from its checkpoint but does not replay the draws of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 
 from accounting.ledger import PrivacyLedger
 from maskdp.errors import InvalidInputError
-from maskdp.train import CHECKPOINT, CONFIG, METRICS, Run, evaluate, poisson_indices, train
+from maskdp.train import CHECKPOINT, CONFIG, METRICS, Run, evaluate, train
 from maskdp.train_config import build_config
 
 TINY = dict(
@@ -53,7 +58,20 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert json.loads((run / CONFIG).read_text()) == config.to_dict()
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+def _checkpoint(run_dir: Path) -> dict:
+    """The checkpoint, loaded as a release would be: tensors and plain types only."""
+    return torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def _differs(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_after_interruption_continues_the_ledger(tmp_path: Path) -> None:
+    """Interrupted after step 6 (checkpoint at step 4): the resumed run takes steps 5 to 8
+    with the restored ledger, so its step count and epsilon are the uninterrupted run's
+    exactly (accounting is deterministic); its weights are not (fresh secret draws)."""
     config = build_config(**{**TINY, "epochs": 2.0}, noise_multiplier=1.0)
     reference = train(config, tmp_path / "whole")
 
@@ -61,19 +79,68 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -
         pass
 
     def stop_at(step: int, total: int, loss: float, run: Run) -> None:
-        if step == 6:  # between checkpoints (every 4 steps): replays steps 5 and 6
+        if step == 6:  # between checkpoints (every 4 steps): steps 5 and 6 are lost
             raise Stop
 
     with pytest.raises(Stop):
         train(config, tmp_path / "cut", on_step=stop_at)
-    resumed = train(config, tmp_path / "cut", resume=True)
-    for key in ("epsilon", "steps", "accuracy", "noise_multiplier"):
-        assert resumed[key] == reference[key]
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=False)
-    cut = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
-    for name, tensor in whole["model"].items():
-        assert torch.equal(tensor, cut["model"][name]), name
+    assert _checkpoint(tmp_path / "cut")["step"] == 4
+    assert not (tmp_path / "cut" / METRICS).exists()
+
+    seen: list[tuple[int, int, int]] = []
+
+    def record(step: int, total: int, loss: float, run: Run) -> None:
+        seen.append((step, total, run.optimizer.steps))
+
+    resumed = train(config, tmp_path / "cut", resume=True, on_step=record)
+    # It went on from the checkpoint with its ledger: step k is the optimizer's k-th step.
+    assert seen == [(k, 8, k) for k in range(5, 9)]
+    for key in ("epsilon", "delta", "steps", "private_steps", "noise_multiplier", "sample_rate"):
+        assert resumed[key] == reference[key], key
+    assert resumed["steps"] == 8
+    whole, cut = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "cut")
+    assert whole["step"] == cut["step"] == 8
     assert whole["optimizer"]["ledger"] == cut["optimizer"]["ledger"]
+    assert cut["optimizer"]["steps"] == 8  # the lost steps 5 and 6 were not charged twice
+    ledger = PrivacyLedger.from_dict(cut["optimizer"]["ledger"])
+    assert ledger.steps == 8
+    assert ledger.epsilon(config.delta) == resumed["epsilon"]
+    # Not a replay: the resumed run drew fresh secret noise and batches.
+    assert _differs(whole["model"], cut["model"])
+
+
+def test_noise_and_sampling_are_not_determined_by_the_config(tmp_path: Path) -> None:
+    """The same config (same seed) twice: the same initial weights and epsilon, other final
+    weights. No seed or generator state that could replay the noise is stored."""
+    config = build_config(**TINY, noise_multiplier=1.0)
+    # The seed fixes public things: the initial weights of two runs are equal.
+    first = Run(config, tmp_path / "unused-a").model.state_dict()
+    second = Run(config, tmp_path / "unused-b").model.state_dict()
+    assert not _differs(first, second)
+
+    a = train(config, tmp_path / "a")
+    b = train(config, tmp_path / "b")
+    assert a["epsilon"] == b["epsilon"] and a["steps"] == b["steps"]
+    ca, cb = _checkpoint(tmp_path / "a"), _checkpoint(tmp_path / "b")
+    assert ca["optimizer"]["ledger"] == cb["optimizer"]["ledger"]
+    assert _differs(ca["model"], cb["model"])
+    assert _differs(ca["model"], first)  # and training did move the weights
+
+    for run_dir, state in ((tmp_path / "a", ca), (tmp_path / "b", cb)):
+        metrics = json.loads((run_dir / METRICS).read_text())
+        assert not [k for k in metrics if "seed" in k or "generator" in k], metrics.keys()
+        stored = json.loads((run_dir / CONFIG).read_text())
+        assert not [k for k in stored if "generator" in k or "noise_seed" in k], stored.keys()
+        # The optimizer state is the ledger and the inner optimizer's state, nothing to replay.
+        assert set(state["optimizer"]) == {
+            "format",
+            "version",
+            "optimizer",
+            "ledger",
+            "steps",
+            "noiseless_steps",
+        }
+        assert "generator" not in state and "noise_generator" not in state
 
 
 def test_evaluate_reports_the_stored_run(tmp_path: Path) -> None:
@@ -100,14 +167,6 @@ def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
 
 
-def test_poisson_batches_are_a_function_of_seed_and_step() -> None:
-    a = poisson_indices(1000, 0.1, seed=3, step=7)
-    assert torch.equal(a, poisson_indices(1000, 0.1, seed=3, step=7))
-    assert not torch.equal(a, poisson_indices(1000, 0.1, seed=3, step=8))
-    sizes = torch.tensor([len(poisson_indices(1000, 0.1, seed=0, step=s)) for s in range(300)])
-    assert abs(sizes.float().mean().item() - 100) < 3  # Binomial(1000, 0.1): sd of mean ~0.55
-
-
 def test_cli_train_json_and_evaluate(tmp_path: Path) -> None:
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     done = _cli("train", "--run-dir", str(tmp_path / "run"), *args, "--json")
@@ -118,6 +177,44 @@ def test_cli_train_json_and_evaluate(tmp_path: Path) -> None:
     shown = _cli("evaluate", str(tmp_path / "run"), "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["accuracy"] == metrics["accuracy"]
+
+
+def test_cli_export_writes_the_model_state_dict_alone(tmp_path: Path) -> None:
+    config = build_config(**TINY, noise_multiplier=1.0)
+    metrics = train(config, tmp_path / "run")
+    out = tmp_path / "weights.pt"
+    done = _cli("export", str(tmp_path / "run"), str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["weights"] == str(out)
+    assert report["epsilon"] == pytest.approx(metrics["epsilon"], rel=1e-12)
+    assert report["delta"] == config.delta
+    # A plain state_dict: loads without unpickling code, into a fresh model, nothing else.
+    weights = torch.load(out, map_location="cpu", weights_only=True)
+    model = Run(config, tmp_path / "fresh").model
+    assert list(weights) == list(model.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    model.load_state_dict(weights, strict=True)
+    trained = _checkpoint(tmp_path / "run")["model"]
+    assert not _differs(weights, trained)  # the trained weights, not the initial ones
+    assert _differs(weights, Run(config, tmp_path / "fresh").model.state_dict())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_export_refuses_an_existing_output(tmp_path: Path) -> None:
+    train(build_config(**TINY, noise_multiplier=1.0), tmp_path / "run")
+    out = tmp_path / "weights.pt"
+    out.write_bytes(b"keep me")
+    done = _cli("export", str(tmp_path / "run"), str(out))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already exists" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert out.read_bytes() == b"keep me"  # never overwritten
+    missing = _cli("export", str(tmp_path / "nothing"), str(tmp_path / "other.pt"))
+    assert missing.returncode == 2
+    assert "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "other.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 - InpaintView reads public pixels only (bit-identical under sensitive perturbation) and
   equals a brute-force per-(sample, channel, frame) / per-pixel loop;
-- ``private_weight`` scales exactly the *noisy* private sum (noise added before weighting),
-  checked against a manual computation at a fixed noise seed; 1 is the default;
+- ``private_weight`` scales exactly the *noisy* private sum (noise added before weighting)
+  and never the public term, checked against a manual computation with replayed (seeded,
+  test-only) noise; 1 is the default;
 - James-Stein shrinkage is a function of the released noisy sum only: two worlds with
-  different sensitive content and the same release give the same update;
+  different sensitive content and the same release give the same update, equal to the
+  closed form;
 - the public warm-up of ``maskdp.train`` spends no privacy and reads no sensitive pixel;
 - the identity probe sits at chance on labels independent of the features and near 1 on
   features that encode identity; Clopper-Pearson matches scipy's exact binomial interval.
@@ -21,6 +23,7 @@ from scipy import stats
 from torch import nn
 
 from maskdp import noise, postprocess
+from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
 from maskdp.errors import InvalidInputError
 from maskdp.functional import masked_gradient
 from maskdp.leakage import (
@@ -33,7 +36,10 @@ from maskdp.leakage import (
 )
 from maskdp.models import VideoViT
 from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import InsecureSeededRandomness
 from maskdp.views import FillView, InpaintView
+
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
 
 
 def clips(n: int = 3, seed: int = 0):
@@ -123,8 +129,9 @@ def batch(seed: int = 1, n: int = 5):
     return x, m, y
 
 
-SIGMA, CLIP, B = 0.7, 0.05, 4
+SIGMA, CLIP, B, B_PUB = 0.7, 0.05, 4, 3
 REFERENCE = {"view": FillView(0.0), "engine": "reference"}  # what noisy_grads uses
+PUBLIC = batch(seed=2, n=3)  # the public batch of every step here (independent of batch())
 
 
 def noisy_grads(model: nn.Module, x, m, y, **kw) -> dict[str, torch.Tensor]:
@@ -135,20 +142,21 @@ def noisy_grads(model: nn.Module, x, m, y, **kw) -> dict[str, torch.Tensor]:
         noise_multiplier=SIGMA,
         max_grad_norm=CLIP,
         expected_batch_size=B,
+        expected_public_batch_size=B_PUB,
         sample_rate=0.1,
         view=FillView(0.0),
         engine="reference",
-        noise_generator=torch.Generator().manual_seed(123),
+        randomness=InsecureSeededRandomness(123),
         **kw,
     )
-    opt.zero_grad()
-    opt.backward(x, m, y)
+    opt.backward(x, m, y, public=PUBLIC)
     opt.pre_step()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     opt.close()
     return grads
 
 
+@SEEDED
 def test_private_weight_one_is_the_default():
     x, m, y = batch()
     default = noisy_grads(tiny_vit(), x, m, y)
@@ -156,6 +164,7 @@ def test_private_weight_one_is_the_default():
     assert all(torch.equal(default[k], weighted[k]) for k in default)
 
 
+@SEEDED
 @pytest.mark.parametrize("weight", [0.0, 0.3, 2.0])
 def test_private_weight_scales_exactly_the_noisy_private_sum(weight):
     x, m, y = batch()
@@ -167,24 +176,29 @@ def test_private_weight_scales_exactly_the_noisy_private_sum(weight):
         m,
         y,
         max_grad_norm=CLIP,
+        public=PUBLIC,
         view=FillView(0.0),
         engine="reference",
     )
     names = [name for name, _ in model.named_parameters()]
-    draws = noise.add_noise(
-        {n: torch.zeros_like(parts.private[n]) for n in names},
-        noise_multiplier=SIGMA,
-        max_grad_norm=CLIP,
-        generator=torch.Generator().manual_seed(123),
-    )
-    expected = {n: (parts.public[n] + weight * (parts.private[n] + draws[n])) / B for n in names}
+    # the same seed replays the optimizer's draws: one standard normal tensor per parameter
+    gen = torch.Generator().manual_seed(123)
+    draws = {n: torch.randn(parts.private[n].shape, generator=gen) for n in names}
+    assert all(d.dtype == torch.float32 for d in draws.values())
+    expected = {
+        n: parts.public[n] / B_PUB
+        + weight * (parts.private[n] + SIGMA * CLIP * draws[n].double()) / B
+        for n in names
+    }
     got = noisy_grads(tiny_vit(), x, m, y, private_weight=weight)
     for n in names:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
     if weight == 0.0:  # the noise must have been added before weighting: nothing is left
-        assert all(torch.equal(got[n], parts.public[n] / B) for n in names)
+        for n in names:
+            torch.testing.assert_close(got[n], parts.public[n] / B_PUB, rtol=1e-12, atol=0)
 
 
+@SEEDED
 def test_private_weight_is_validated():
     for bad in (-0.1, math.nan, True):
         with pytest.raises(InvalidInputError, match="private_weight"):
@@ -213,6 +227,16 @@ def test_james_stein_reduces_error_when_noise_dominates():
     assert float((shrunk - signal).norm()) < 0.5 * float((z - signal).norm())
 
 
+def james_stein_closed_form(z: torch.Tensor, std: float) -> torch.Tensor:
+    """(1 - (d - 2) std^2 / ||z||^2)_+ z for d >= 3, z itself otherwise."""
+    d = z.numel()
+    if d < 3:
+        return z
+    factor = 1.0 - (d - 2) * std**2 / float((z.double() ** 2).sum())
+    return max(factor, 0.0) * z
+
+
+@SEEDED
 @pytest.mark.parametrize("weight", [1.0, 0.5])
 def test_shrinkage_is_a_function_of_the_released_noisy_sum_only(monkeypatch, weight):
     """Two worlds differ in sensitive content; force the same release Z in both: the update
@@ -223,7 +247,7 @@ def test_shrinkage_is_a_function_of_the_released_noisy_sum_only(monkeypatch, wei
     names = [name for name, _ in model.named_parameters()]
     private = {
         key: masked_gradient(
-            model, nn.CrossEntropyLoss(), inp, m, y, max_grad_norm=CLIP, **REFERENCE
+            model, nn.CrossEntropyLoss(), inp, m, y, max_grad_norm=CLIP, public=PUBLIC, **REFERENCE
         ).private
         for key, inp in (("a", x), ("b", other))
     }
@@ -246,13 +270,13 @@ def test_shrinkage_is_a_function_of_the_released_noisy_sum_only(monkeypatch, wei
         torch.testing.assert_close(seen[1][n], private["b"][n], rtol=1e-9, atol=1e-12)
         assert torch.equal(grads_a[n], grads_b[n])  # ... and only its release was used
     public = masked_gradient(
-        model, nn.CrossEntropyLoss(), x, m, y, max_grad_norm=CLIP, **REFERENCE
+        model, nn.CrossEntropyLoss(), x, m, y, max_grad_norm=CLIP, public=PUBLIC, **REFERENCE
     ).public
-    expected = postprocess.combine(
-        public, release, private_weight=weight, shrinkage="james-stein", noise_std=SIGMA * CLIP
-    )
+    shrunk = {n: james_stein_closed_form(release[n], SIGMA * CLIP) for n in names}
+    assert any(not torch.equal(shrunk[n], release[n]) for n in names), "shrinkage is exercised"
     for n in names:
-        torch.testing.assert_close(grads_a[n], expected[n] / B, rtol=1e-9, atol=1e-12)
+        expected = public[n] / B_PUB + weight * shrunk[n] / B
+        torch.testing.assert_close(grads_a[n], expected, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------- public warm-up
@@ -286,12 +310,26 @@ def warm_up_run(tmp_path, perturb: bool):
                 return torch.where(mask[None], torch.rand_like(x) * 9.0, x), mask, y
 
         run.train_set = Perturbed()
+    # The run's own batches come from secret randomness; both runs here replay the same
+    # (seeded, test-only) batches over run.train_set, so only the sensitive pixels differ.
+    steps, rate = len(run.loader), run.plan.sample_rate
+    run.loader = MaskDPDataLoader(
+        *(
+            PoissonDataLoader(
+                run.train_set, sample_rate=rate, steps=steps, randomness=InsecureSeededRandomness(s)
+            )
+            for s in (1, 2)
+        )
+    )
     return run
 
 
+@SEEDED
 def test_public_warm_up_spends_no_privacy_and_reads_no_sensitive_pixel(tmp_path):
     runs = [warm_up_run(tmp_path / str(p), perturb=p) for p in (False, True)]
     assert runs[0].plan.public_steps == 2
+    clean, perturbed = (run.loader.public.dataset[0][0] for run in runs)
+    assert not torch.equal(clean, perturbed), "the perturbation reaches the loader"
     states = []
     for run in runs:
         steps = run.steps()

@@ -313,6 +313,7 @@ def test_stacked_erase_neighbour_has_zero_private_term():
     assert inputs.shape == (3, 3, 4, 16, 16) and mask.shape == (3, 4, 16, 16)
     assert present.tolist() == [True, False, True] and targets.tolist() == [0, 1, 0]
     model = SmallVideoCNN(num_classes=2, width=4)
+    public = stack(records(2, seed=1))[:3]  # an independent public batch
     out = masked_gradient(
         model,
         nn.CrossEntropyLoss(),
@@ -320,7 +321,9 @@ def test_stacked_erase_neighbour_has_zero_private_term():
         mask,
         targets,
         max_grad_norm=1.0,
+        public=public,
         present=present,
         engine="reference",
     )
-    assert out.norms[1] == 0 and out.norms[0] > 0
+    assert out.norms[1] == 0 and out.norms[0] > 0 and out.norms[2] > 0
+    assert out.clip_factors[1] == 1 and out.public_count == 2

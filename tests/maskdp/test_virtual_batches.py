@@ -1,11 +1,14 @@
-"""Virtual batches: micro-batches accumulated before one step equal the single big batch.
+"""Virtual batches: micro-batches accumulated before one step equal the single big batches.
 
-For every engine, one logical batch split into micro-batches (several sizes, erased
-records included) gives the same noisy update as one backward on the whole batch with the
-same noise seed (1e-6), and the ledger records exactly one step.
+For every engine, one logical step (a private batch and an independent public batch of
+another size) split into micro-batches (several sizes, erased records included) gives the
+same noisy update as one backward on the whole batches with the same (seeded, test-only)
+noise (1e-6), the same mean public loss, and the ledger records exactly one step.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -16,21 +19,31 @@ from maskdp.batching import backward_in_micro_batches, iterate_micro_batches
 from maskdp.errors import InvalidInputError
 from maskdp.models import VideoViT
 from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import InsecureSeededRandomness
 from maskdp.views import FillView
 
 ENGINES = ("reference", "vmap", "hooks", "ghost")
-N = 7
+N, N_PUB = 7, 5
+
+pytestmark = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
 
 
-def data(n: int = N):
-    gen = torch.Generator().manual_seed(11)
+def data(n: int = N, seed: int = 11):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 4, 16, 16, generator=gen)
     m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
     y = torch.randint(0, 3, (n,), generator=gen)
     return x, m, y
 
 
-def step(engine: str, micro: int | None, present: torch.Tensor | None = None, n: int = N):
+def step(
+    engine: str,
+    micro: int | None,
+    present: torch.Tensor | None = None,
+    n: int = N,
+    n_pub: int = N_PUB,
+    protect_labels: bool = False,
+):
     torch.manual_seed(0)
     model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
     optimizer = MaskDPOptimizer(
@@ -43,15 +56,16 @@ def step(engine: str, micro: int | None, present: torch.Tensor | None = None, n:
         sample_rate=0.2,
         view=FillView(0.0),
         engine=engine,
-        noise_generator=torch.Generator().manual_seed(5),
+        protect_labels=protect_labels,
+        randomness=InsecureSeededRandomness(5),
     )
     x, m, y = data(n)
-    optimizer.zero_grad()
+    public = None if protect_labels else data(n_pub, seed=12)
     if micro is None:
-        loss = optimizer.backward(x, m, y, present=present)
+        loss = optimizer.backward(x, m, y, public=public, present=present)
     else:
         loss = backward_in_micro_batches(
-            optimizer, x, m, y, max_physical_batch_size=micro, present=present
+            optimizer, x, m, y, max_physical_batch_size=micro, public=public, present=present
         )
     optimizer.step()
     result = {
@@ -77,7 +91,7 @@ def test_micro_batches_equal_one_big_batch(engine: str) -> None:
                     torch.testing.assert_close(
                         small[kind][name], ref, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}"
                     )
-            assert small["loss"] == pytest.approx(big["loss"], rel=1e-5)
+            assert small["loss"] == pytest.approx(big["loss"], rel=1e-5)  # the public loss
             # one logical step: one ledger entry, whatever the number of micro-batches
             assert small["steps"] == 1
             expected = PrivacyLedger()
@@ -85,12 +99,56 @@ def test_micro_batches_equal_one_big_batch(engine: str) -> None:
             assert small["ledger"].to_dict() == expected.to_dict()
 
 
-def test_an_empty_batch_is_one_step_with_noise() -> None:
-    big, small = step("reference", None, n=0), step("reference", 3, n=0)
+def test_the_loss_is_the_mean_public_loss_of_the_whole_public_batch() -> None:
+    """Brute force: cross-entropy of the model on the public views of the public batch."""
+    torch.manual_seed(0)
+    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
+    ux, um, uy = data(N_PUB, seed=12)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(ux.masked_fill(um[:, None], 0)), uy))
+    for micro in (None, 2, 3):
+        assert step("reference", micro)["loss"] == pytest.approx(expected, rel=1e-5)
+    # micro-batches of the private batch alone: the public batch is split alongside
+    assert step("reference", 2, n=1)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("n", "n_pub"), [(0, 0), (0, 4), (4, 0)])
+def test_an_empty_batch_is_one_step_with_noise(n: int, n_pub: int) -> None:
+    big, small = step("reference", None, n=n, n_pub=n_pub), step("reference", 3, n=n, n_pub=n_pub)
     for name, ref in big["grads"].items():
-        assert torch.equal(small["grads"][name], ref)
+        torch.testing.assert_close(small["grads"][name], ref, atol=1e-6, rtol=0)
         assert ref.abs().sum() > 0  # the noise of an empty step is still there
     assert small["steps"] == 1
+    if n_pub == 0:  # no public record: no public loss
+        assert math.isnan(big["loss"]) and math.isnan(small["loss"])
+    else:
+        assert small["loss"] == pytest.approx(big["loss"], rel=1e-5)
+
+
+def test_micro_batches_without_public_batch_under_protect_labels() -> None:
+    big = step("reference", None, protect_labels=True)
+    small = step("reference", 3, protect_labels=True)
+    for name, ref in big["grads"].items():
+        torch.testing.assert_close(small["grads"][name], ref, atol=1e-6, rtol=0)
+        assert ref.abs().sum() > 0, name  # clipped private sum plus noise: never zero
+    assert math.isnan(small["loss"]) and small["steps"] == 1
+
+
+def test_micro_batches_need_the_public_batch() -> None:
+    torch.manual_seed(0)
+    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
+    optimizer = MaskDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.3),
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        noise_multiplier=0.9,
+        max_grad_norm=0.1,
+        expected_batch_size=4,
+        sample_rate=0.2,
+        engine="reference",
+    )
+    with pytest.raises(InvalidInputError, match="public="):
+        backward_in_micro_batches(optimizer, *data(), max_physical_batch_size=3)
 
 
 def test_iterate_micro_batches_slices_and_validates() -> None:

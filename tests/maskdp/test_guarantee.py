@@ -1,0 +1,404 @@
+"""Tests that would have caught each finding of the adversarial review (issue 9).
+
+Each test attacks one way the guarantee was false in MaskDP 0.1: the public term summed
+over the private batch, dropout and stochastic depth drawing differently in the two
+passes, replayable noise, buffers that store data, non-finite records poisoning the
+release, reduced precision, a sampler on a float32 grid.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+import maskdp.audit as audit_module
+from maskdp.engines.base import engine_names
+from maskdp.errors import InvalidInputError, UnsafeModelError
+from maskdp.functional import masked_gradient
+from maskdp.optimizer import MaskDPOptimizer
+from maskdp.randomness import InsecureSeededRandomness, SecretRandomness
+from maskdp.sampling import poisson_sample
+from maskdp.views import DropView, FillView
+
+ENGINES = [n for n in engine_names() if n != "auto"]
+CLIP = 1.0
+
+
+class RandomNet(nn.Module):
+    """Conv, GroupNorm, dropout and stochastic depth: randomness inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, kernel_size=3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.drop = nn.Dropout(0.5)
+        self.depth = StochasticDepth(0.5, "row")
+        self.head = nn.Linear(4 * 2 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        h = h + self.depth(self.drop(h))
+        return self.head(h.flatten(1))
+
+
+def batch(n: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 2, 4, 4, generator=gen)
+    m = torch.zeros(n, 2, 4, 4, dtype=torch.bool)
+    m[:, :, :2] = True
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, m, y
+
+
+def random_net() -> nn.Module:
+    torch.manual_seed(0)
+    return RandomNet().train()
+
+
+# ------------------------------------------------------------------ randomness in the model
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_and_stochastic_depth_leave_an_erased_record_exactly_zero(engine: str) -> None:
+    """Finding 2: the full and public passes of each record must see the same draws."""
+    model = random_net()
+    x, m, y = batch()
+    x = torch.where(m[:, None], 5 * torch.randn_like(x), x)  # strong sensitive content
+    present = torch.tensor([False, True, False, True])
+    result = masked_gradient(
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        m,
+        y,
+        max_grad_norm=CLIP,
+        engine=engine,
+        public=(x, m, y),
+        present=present,
+        view=FillView(0.0),
+    )
+    assert torch.equal(result.norms[~present], torch.zeros(2, dtype=torch.float64))
+    assert bool((result.norms[present] > 0).all())  # the present records do contribute
+    erased = masked_gradient(
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        m,
+        y,
+        max_grad_norm=CLIP,
+        engine=engine,
+        public=(x, m, y),
+        present=torch.zeros(4, dtype=torch.bool),
+        view=FillView(0.0),
+    )
+    for value in erased.private.values():
+        assert torch.equal(value, torch.zeros_like(value))
+
+
+def test_random_model_with_a_token_dropping_view_is_refused() -> None:
+    from maskdp.models import VideoViT
+
+    class DroppyViT(VideoViT):
+        def __init__(self) -> None:
+            super().__init__(num_classes=2, frames=4, image_size=16, dim=16, depth=1, heads=2)
+            self.extra = nn.Dropout(0.3)
+
+        def forward(self, x: Tensor, **kwargs: Tensor) -> Tensor:
+            return self.extra(super().forward(x, **kwargs))
+
+    model = DroppyViT().train()
+    x = torch.rand(2, 3, 4, 16, 16)
+    m = torch.zeros(2, 4, 16, 16, dtype=torch.bool)
+    m[:, :2, :8, :8] = True
+    y = torch.tensor([0, 1])
+    with pytest.raises(UnsafeModelError, match=r"extra \(Dropout\).*model.eval"):
+        masked_gradient(
+            model,
+            nn.CrossEntropyLoss(),
+            x,
+            m,
+            y,
+            max_grad_norm=1.0,
+            public=(x, m, y),
+            view=DropView.for_model(model),
+            engine="vmap",
+        )
+    model.eval()  # without randomness the same view is accepted
+    masked_gradient(
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        m,
+        y,
+        max_grad_norm=1.0,
+        public=(x, m, y),
+        view=DropView.for_model(model),
+        engine="vmap",
+    )
+
+
+# ------------------------------------------------------------------------ buffers
+
+
+class RunningMean(nn.Module):
+    """A custom layer that keeps a running mean of its inputs: data stored without noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.mean.mul_(0.9).add_(0.1 * x.mean())
+        return self.fc(x.flatten(1))
+
+
+def _fake_quant_model() -> nn.Module:
+    from torch.ao.quantization import FakeQuantize
+
+    return nn.Sequential(nn.Flatten(), FakeQuantize(), nn.Linear(32, 3))
+
+
+@pytest.mark.parametrize(
+    ("build", "where"), [(RunningMean, r"<root> \(RunningMean\).*mean"), (_fake_quant_model, "1 ")]
+)
+def test_modules_whose_buffers_change_are_refused_and_left_untouched(build, where) -> None:
+    """Finding 4: found by behaviour, not by a list of classes."""
+    model = build()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    x, m, y = batch()
+    with pytest.raises(UnsafeModelError, match=where):
+        masked_gradient(
+            model,
+            nn.CrossEntropyLoss(),
+            x,
+            m,
+            y,
+            max_grad_norm=1.0,
+            public=(x, m, y),
+            engine="reference",
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+# ---------------------------------------------------------------- non-finite and precision
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("value", [3e38, math.nan, math.inf])
+def test_a_non_finite_record_contributes_zero_and_the_release_stays_finite(
+    engine: str, value: float
+) -> None:
+    """Finding 5: a huge sensitive pixel must not NaN the release (a one-bit leak)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, m, y = batch()
+    poisoned = x.clone()
+    poisoned[1, 0, 0, 0, 0] = value  # a sensitive pixel (row 0 of the mask)
+    common = {"max_grad_norm": CLIP, "engine": engine, "public": (x, m, y)}
+    result = masked_gradient(model, nn.CrossEntropyLoss(), poisoned, m, y, **common)
+    erased = masked_gradient(
+        model,
+        nn.CrossEntropyLoss(),
+        poisoned,
+        m,
+        y,
+        present=torch.tensor([True, False, True, True]),
+        **common,
+    )
+    gap = 0.0
+    for name, value_sum in result.private.items():
+        assert bool(torch.isfinite(value_sum).all()), name
+        gap += float(((value_sum - erased.private[name]).double() ** 2).sum())
+    assert math.sqrt(gap) <= CLIP * (1 + 1e-5)  # finite or not, at most C
+    if not math.isfinite(value):  # a non-finite Delta contributes exactly nothing
+        assert result.clip_factors[1] == 0
+        for name, value_sum in result.private.items():
+            torch.testing.assert_close(value_sum, erased.private[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_model_contribution_stays_within_c_and_noise_is_float32(engine: str) -> None:
+    """Finding 7: norms, clip factors, sums and noise in float32 or wider."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    model = model.to(torch.bfloat16)
+    x, m, y = batch()
+    x = torch.where(m[:, None], 50 * torch.randn_like(x), x).to(torch.bfloat16)
+    one = torch.tensor([True, False, False, False])
+    common = {"max_grad_norm": 0.37, "engine": engine, "public": (x, m, y)}
+    with_record = masked_gradient(model, nn.CrossEntropyLoss(), x, m, y, **common)
+    without = masked_gradient(model, nn.CrossEntropyLoss(), x, m, y, present=~one, **common)
+    gap = torch.sqrt(
+        sum(
+            ((with_record.private[k] - without.private[k]).double() ** 2).sum()
+            for k in without.private
+        )
+    )
+    assert float(gap) <= 0.37 * (1 + 1e-5)
+    assert all(v.dtype == torch.float32 for v in with_record.private.values())
+    optimizer = MaskDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=0.37,
+        expected_batch_size=4,
+        sample_rate=0.5,
+        engine=engine,
+    )
+    optimizer.backward(x, m, y, public=(x, m, y))
+    optimizer.add_noise()
+    assert all(v.dtype == torch.float32 for v in optimizer._noisy_private.values())
+
+
+# ------------------------------------------------------------------ secret randomness
+
+
+def test_two_runs_with_the_same_visible_configuration_draw_different_noise() -> None:
+    """Finding 3: nothing the user can see determines the noise."""
+    released = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+        optimizer = MaskDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            sample_rate=0.5,
+        )
+        x, m, y = batch()
+        torch.manual_seed(0)  # even torch's global generator replayed
+        optimizer.backward(x, m, y, public=(x, m, y))
+        optimizer.step()
+        released.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(released[0], released[1])
+    assert "insecure_randomness" not in optimizer.state_dict()
+
+
+def test_a_torch_generator_is_refused_and_seeding_is_loud() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    kwargs = {
+        "model": model,
+        "loss_fn": nn.CrossEntropyLoss(),
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "expected_batch_size": 4,
+        "sample_rate": 0.5,
+    }
+    with pytest.raises(InvalidInputError, match="replayable"):
+        MaskDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0), randomness=torch.Generator(), **kwargs
+        )
+    with pytest.warns(UserWarning, match="replayable"):
+        seeded = InsecureSeededRandomness(3)
+    optimizer = MaskDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), randomness=seeded, **kwargs
+    )
+    assert "insecure_randomness" in optimizer.state_dict()
+
+
+def test_secret_gaussians_have_the_standard_normal_moments() -> None:
+    z = SecretRandomness().gaussian((200_000,), device=torch.device("cpu")).double()
+    assert abs(float(z.mean())) < 5 / math.sqrt(200_000)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / 200_000)
+    assert abs(float((z**4).mean()) - 3) < 0.1  # Gaussian kurtosis, not a uniform's
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+def test_the_realised_rate_at_q_1e_7_is_within_its_binomial_interval() -> None:
+    """Finding 8: a float32 comparison samples at 2^-24 granularity (19% too often here)."""
+    n, q = 10**11, 1e-7
+    count = len(poisson_sample(n, q))
+    mean, sd = n * q, math.sqrt(n * q * (1 - q))
+    assert mean - 5 * sd < count < mean + 5 * sd  # the float32 grid gives 11,921 +- 109
+
+
+def test_shards_partition_the_dataset() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rand = InsecureSeededRandomness(0)
+    picked = [poisson_sample(101, 1.0, randomness=rand, rank=r, world_size=3) for r in range(3)]
+    assert sorted(torch.cat(picked).tolist()) == list(range(101))
+    assert all(bool((p % 3 == r).all()) for r, p in enumerate(picked))
+
+
+# ------------------------------------------------------------------- the public term
+
+
+def test_backward_refuses_a_missing_public_batch_and_returns_the_public_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    optimizer = MaskDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        sample_rate=0.5,
+        view=FillView(0.0),
+    )
+    x, m, y = batch()
+    with pytest.raises(InvalidInputError, match="public="):
+        optimizer.backward(x, m, y)
+    xu, mu, yu = batch(3, seed=5)
+    loss = optimizer.backward(x, m, y, public=(xu, mu, yu))
+    public_view = torch.where(mu[:, None], torch.zeros_like(xu), xu)
+    expected = nn.functional.cross_entropy(model(public_view), yu)
+    torch.testing.assert_close(loss, expected.detach())
+
+
+def _subsampled_audit(trials: int, *, same_batch: bool, sigma: float) -> audit_module.AuditResult:
+    model_fn, data, loss_fn = audit_module.subsampled_target()
+    original = audit_module.step_batches
+
+    def same(n, settings, private, public):  # noqa: ANN001, ANN202 - MaskDP 0.1's mechanism
+        take, _ = original(n, settings, private, public)
+        return take, take
+
+    audit_module.step_batches = same if same_batch else original
+    try:
+        return audit_module.audit(
+            model_fn,
+            data,
+            loss_fn=loss_fn,
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            steps=1,
+            sample_rate=0.1,
+            trials=trials,
+            engine="reference",
+            canary_scale=3.0,
+            public_scale=3.0,
+            learning_rate=1.0,
+            accountant="prv",
+            seed=0,
+        )
+    finally:
+        audit_module.step_batches = original
+
+
+def test_subsampled_audit_with_a_large_public_gradient_stays_below_theory() -> None:
+    """Finding 1, on the library's mechanism (benchmarks/audit_subsampled.py: 60,000 runs)."""
+    result = _subsampled_audit(3000, same_batch=False, sigma=1.0)
+    assert result.canary_signal == pytest.approx(1.0, rel=1e-4)  # the canary saturates C
+    assert result.epsilon_lower_bound <= result.epsilon_theory
+
+
+@pytest.mark.slow
+def test_the_same_batch_public_term_of_maskdp_0_1_breaks_the_audit() -> None:
+    """The same audit catches the old mechanism (public term summed over the private batch)."""
+    result = _subsampled_audit(60000, same_batch=True, sigma=1.5)
+    assert result.epsilon_lower_bound > result.epsilon_theory
