@@ -201,11 +201,11 @@ def _maskdp(problem: Problem, engine: str, *, public_batch: bool = True) -> Step
         view=problem.view,
         engine=engine,
     )
-    # The independent public batch: B other clips (here the same tensors re-used, which
-    # costs exactly what B other clips would). Without it (an empty public batch) the step
+    # The independent public batch: B other clips (here copies of the same clips, which
+    # cost exactly what B other clips would). Without it (an empty public batch) the step
     # costs what MaskDP 0.1's same-batch step cost, whose public sum came out of the
     # private batch's own passes.
-    public = (problem.inputs, problem.mask, problem.targets)
+    public = tuple(t.clone() for t in (problem.inputs, problem.mask, problem.targets))
     if not public_batch:
         public = tuple(t[:0] for t in public)
 

@@ -67,6 +67,13 @@ FORMAT_VERSION = 2
 Sums = dict[str, Tensor]
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether two non-empty tensors are views of the same memory (the same batch)."""
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == (
+        b.untyped_storage().data_ptr()
+    )
+
+
 def _add(total: Sums | None, more: Sums) -> Sums:
     return more if total is None else {n: total[n] + more[n] for n in more}
 
@@ -411,6 +418,13 @@ class MaskDPOptimizer(Optimizer):
         ``nan`` without a public batch). Nothing computed from the private batch is returned.
         """
         public_batch = check_public_batch(public, self._protect_labels)
+        if public_batch is not None and _same_storage(public_batch[0], inputs):
+            raise InvalidInputError(
+                "public= holds the private batch itself: the public batch must be drawn "
+                "independently of the private one (a public term over the private batch "
+                "reveals which records were sampled); use the second item of make_private's "
+                "loader"
+            )
         batch = make_batch(
             self._view,
             inputs,

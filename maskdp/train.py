@@ -219,7 +219,6 @@ class Run:
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if dist is not None else None
         self.optimizer, self.loader = self._private_setup()
         self.step = 0
-        self.history: list[dict[str, float]] = []
 
     def _private_setup(self) -> tuple[Any, Any]:
         """The optimizer (None when non-private) and the loader of (private, public) pairs."""
@@ -257,7 +256,6 @@ class Run:
             "step": self.step,
             "model": self.model.state_dict(),
             "inner_optimizer": self.inner.state_dict(),
-            "history": self.history,
         }
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
@@ -283,7 +281,6 @@ class Run:
         if "view" in state:
             self.view.load_state_dict(state["view"])
         self.step = int(state["step"])
-        self.history = list(state["history"])
 
     # -- training ------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -461,7 +458,7 @@ def export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the releasable weights of ``run_dir``'s checkpoint to ``out`` (atomically).
 
     The file holds the model's ``state_dict`` alone (loadable with ``weights_only=True``),
-    never optimizer state, history or anything else of the run; ``out`` must not exist.
+    never optimizer state or anything else of the run; ``out`` must not exist.
     """
     config = read_config(run_dir)
     target = Path(out)

@@ -253,7 +253,7 @@ def test_bf16_model_contribution_stays_within_c_and_noise_is_float32(engine: str
         sample_rate=0.5,
         engine=engine,
     )
-    optimizer.backward(x, m, y, public=(x, m, y))
+    optimizer.backward(x, m, y, public=(x.clone(), m, y))
     optimizer.add_noise()
     assert all(v.dtype == torch.float32 for v in optimizer._noisy_private.values())
 
@@ -278,7 +278,7 @@ def test_two_runs_with_the_same_visible_configuration_draw_different_noise() -> 
         )
         x, m, y = batch()
         torch.manual_seed(0)  # even torch's global generator replayed
-        optimizer.backward(x, m, y, public=(x, m, y))
+        optimizer.backward(x, m, y, public=(x.clone(), m, y))
         optimizer.step()
         released.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(released[0], released[1])
@@ -353,6 +353,8 @@ def test_backward_refuses_a_missing_public_batch_and_returns_the_public_loss() -
     x, m, y = batch()
     with pytest.raises(InvalidInputError, match="public="):
         optimizer.backward(x, m, y)
+    with pytest.raises(InvalidInputError, match="private batch itself"):
+        optimizer.backward(x, m, y, public=(x[:2], m[:2], y[:2]))  # a view of the same batch
     xu, mu, yu = batch(3, seed=5)
     loss = optimizer.backward(x, m, y, public=(xu, mu, yu))
     public_view = torch.where(mu[:, None], torch.zeros_like(xu), xu)
