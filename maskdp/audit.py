@@ -878,3 +878,46 @@ def subsampled_target(
     m[:, 0] = True
     y = torch.randint(0, 2, (records,), generator=gen)
     return (lambda: _LinearProbe(8, 2)), (x, m, y), _squared_output
+
+
+def subsampled_audit(
+    trials: int, noise_multiplier: float, *, same_batch: bool = False, seed: int = 0
+) -> AuditResult:
+    """The one-step audit at ``q = 0.1`` whose gated score can see the public term.
+
+    On :func:`subsampled_target` with ``public_scale=3`` (the canary record's public
+    gradient dominates the update), ``trials`` runs per world, the PRV accountant's
+    epsilon as theory. ``same_batch=True`` audits, for comparison, MaskDP 0.1's broken
+    mechanism: the private batch reused as the public one (:func:`step_batches` swapped for
+    the run), whose release shows whether the record was sampled.
+    """
+    global step_batches
+    original = step_batches
+
+    def private_batch_twice(
+        n: int, settings: _RunSettings, private: Randomness, public: Randomness
+    ) -> tuple[Tensor, Tensor]:
+        take, _ = original(n, settings, private, public)
+        return take, take
+
+    model_fn, data, loss_fn = subsampled_target()
+    step_batches = private_batch_twice if same_batch else original
+    try:
+        return audit(
+            model_fn,
+            data,
+            loss_fn=loss_fn,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=1.0,
+            steps=1,
+            sample_rate=0.1,
+            trials=trials,
+            engine="reference",
+            canary_scale=3.0,
+            public_scale=3.0,
+            learning_rate=1.0,
+            accountant="prv",
+            seed=seed,
+        )
+    finally:
+        step_batches = original

@@ -362,39 +362,9 @@ def test_backward_refuses_a_missing_public_batch_and_returns_the_public_loss() -
     torch.testing.assert_close(loss, expected.detach())
 
 
-def _subsampled_audit(trials: int, *, same_batch: bool, sigma: float) -> audit_module.AuditResult:
-    model_fn, data, loss_fn = audit_module.subsampled_target()
-    original = audit_module.step_batches
-
-    def same(n, settings, private, public):  # noqa: ANN001, ANN202 - MaskDP 0.1's mechanism
-        take, _ = original(n, settings, private, public)
-        return take, take
-
-    audit_module.step_batches = same if same_batch else original
-    try:
-        return audit_module.audit(
-            model_fn,
-            data,
-            loss_fn=loss_fn,
-            noise_multiplier=sigma,
-            max_grad_norm=1.0,
-            steps=1,
-            sample_rate=0.1,
-            trials=trials,
-            engine="reference",
-            canary_scale=3.0,
-            public_scale=3.0,
-            learning_rate=1.0,
-            accountant="prv",
-            seed=0,
-        )
-    finally:
-        audit_module.step_batches = original
-
-
 def test_subsampled_audit_with_a_large_public_gradient_stays_below_theory() -> None:
     """Finding 1, on the library's mechanism (benchmarks/audit_subsampled.py: 60,000 runs)."""
-    result = _subsampled_audit(3000, same_batch=False, sigma=1.0)
+    result = audit_module.subsampled_audit(3000, 1.0)
     assert result.canary_signal == pytest.approx(1.0, rel=1e-4)  # the canary saturates C
     assert result.epsilon_lower_bound <= result.epsilon_theory
 
@@ -402,5 +372,5 @@ def test_subsampled_audit_with_a_large_public_gradient_stays_below_theory() -> N
 @pytest.mark.slow
 def test_the_same_batch_public_term_of_maskdp_0_1_breaks_the_audit() -> None:
     """The same audit catches the old mechanism (public term summed over the private batch)."""
-    result = _subsampled_audit(60000, same_batch=True, sigma=1.5)
+    result = audit_module.subsampled_audit(60000, 1.5, same_batch=True)
     assert result.epsilon_lower_bound > result.epsilon_theory
