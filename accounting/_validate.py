@@ -1,6 +1,6 @@
 """Validators shared by the accounting modules.
 
-Each raises :class:`~accounting.errors.InvalidParameterError` with a one-line message that
+Each raises :class:`~maskdp.accounting.errors.InvalidParameterError` with a one-line message that
 names the parameter and the rule it broke, e.g.
 ``noise_multiplier must be a finite number > 0, got nan``. Never ``assert`` on user input.
 """
@@ -12,8 +12,7 @@ import numbers
 from typing import Any
 
 import numpy as np
-
-from accounting.errors import InvalidParameterError
+from maskdp.accounting.errors import InvalidParameterError
 
 
 def _as_float(name: str, value: Any, rule: str) -> float:

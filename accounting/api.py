@@ -1,8 +1,8 @@
 """The accounting commands as Python functions: the CLI is a thin shell around these.
 
 Each ``compute_*`` function takes keyword-only arguments spelled like the CLI options
-(``sample_rate`` for ``--sample-rate``), validates them once through :mod:`accounting.params`
-(raising :class:`~accounting.errors.InvalidParameterError` on bad input) and returns a frozen
+(``sample_rate`` for ``--sample-rate``), validates them once through :mod:`maskdp.accounting.params`
+(raising :class:`~maskdp.accounting.errors.InvalidParameterError` on bad input) and returns a frozen
 report with ``to_dict()``.
 
 A report holds one result per accountant asked for (``accountant="all"`` runs both RDP and
@@ -23,8 +23,8 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from accounting.errors import AccountingError
-from accounting.params import (
+from maskdp.accounting.errors import AccountingError
+from maskdp.accounting.params import (
     DEFAULT_DELTA,
     Accountant,
     EpsilonParams,
@@ -290,7 +290,7 @@ def _epsilon_bound(
     conversion: str,
     relation: str,
 ) -> EpsilonBound:
-    from accounting.ledger import PrivacyLedger
+    from maskdp.accounting.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()
     ledger.record(sample_rate, noise_multiplier, steps=steps)
@@ -299,7 +299,7 @@ def _epsilon_bound(
 
 
 def _read_rdp(result: Any, *, delta: float, conversion: str) -> EpsilonBound:
-    """An :class:`~accounting.conversions.EpsilonResult` as a bound."""
+    """An :class:`~maskdp.accounting.conversions.EpsilonResult` as a bound."""
     return EpsilonBound(
         accountant="rdp",
         epsilon=_finite(result.epsilon, "epsilon"),
@@ -311,7 +311,7 @@ def _read_rdp(result: Any, *, delta: float, conversion: str) -> EpsilonBound:
 
 
 def _read_prv(result: Any, *, delta: float, conversion: str) -> EpsilonBound:
-    """A :class:`~accounting.prv.PRVResult` as a bound: its upper end is the guarantee."""
+    """A :class:`~maskdp.accounting.prv.PRVResult` as a bound: its upper end is the guarantee."""
     return EpsilonBound(
         accountant="prv",
         epsilon=_finite(result.epsilon_upper, "epsilon"),
@@ -355,7 +355,7 @@ def epsilon_report(params: EpsilonParams) -> EpsilonReport:
 
 def noise_report(params: NoiseParams) -> NoiseReport:
     """The smallest noise multiplier whose epsilon at ``delta`` is at most the target."""
-    from accounting.calibration import calibrate_noise
+    from maskdp.accounting.calibration import calibrate_noise
 
     _warn_delta(params.delta, params.dataset_size)
     results = []
@@ -402,7 +402,7 @@ def noise_report(params: NoiseParams) -> NoiseReport:
 
 def steps_report(params: StepsParams) -> StepsReport:
     """The largest number of steps whose epsilon at ``delta`` is at most the target."""
-    from accounting.calibration import max_steps
+    from maskdp.accounting.calibration import max_steps
 
     _warn_delta(params.delta, params.dataset_size)
     results = []
@@ -451,8 +451,8 @@ def steps_report(params: StepsParams) -> StepsReport:
 
 def risk_report(params: RiskParams) -> RiskReport:
     """Bounds on a membership attacker's TPR at ``fpr`` (hypothesis-testing view of DP)."""
-    from accounting.events import PoissonGaussianEvent
-    from accounting.risk import attack_risk
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.risk import attack_risk
 
     _warn_delta(params.delta, params.dataset_size)
     event = PoissonGaussianEvent(
@@ -505,7 +505,7 @@ def compute_epsilon(
     """Epsilon at ``delta`` of DP-SGD with Poisson sampling (``maskdp epsilon``).
 
     Give ``sample_rate`` or ``dataset_size`` with ``batch_size``, and ``steps`` or ``epochs``
-    (see :mod:`accounting.params`). ``report.epsilon`` is an upper bound.
+    (see :mod:`maskdp.accounting.params`). ``report.epsilon`` is an upper bound.
 
     Raises:
         InvalidParameterError: a parameter is out of its domain or the combination is wrong.

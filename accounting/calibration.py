@@ -27,20 +27,19 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-
-from accounting import _validate
-from accounting.conversions import CONVERSIONS, Conversion, _minimise
-from accounting.errors import CalibrationError
-from accounting.events import PoissonGaussianEvent
-from accounting.ledger import ACCOUNTANTS, Accountant, _rdp_substitute, account
-from accounting.prv import PRVCurve, default_eps_error
-from accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting import _validate
+from maskdp.accounting.conversions import CONVERSIONS, Conversion, _minimise
+from maskdp.accounting.errors import CalibrationError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.ledger import ACCOUNTANTS, Accountant, _rdp_substitute, account
+from maskdp.accounting.prv import PRVCurve, default_eps_error
+from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
 
 SIGMA_MIN = 0.05
 SIGMA_MAX = 1e4
 STEPS_MAX = 10**12
 PRV_EPS_ERROR = 0.01
-"""The PRV precision calibration answers to (the default of :func:`~accounting.prv.prv_epsilon`)."""
+"""The PRV precision calibration answers to (the default of :func:`~maskdp.accounting.prv.prv_epsilon`)."""
 _COARSE_EPS_ERROR = 0.1
 _COARSE_MARGIN = 0.001
 
@@ -165,7 +164,7 @@ def _check_common(
 
 def _rdp_epsilon(rdp: np.ndarray, delta: float, conversion: str, relation: Relation) -> float:
     """RDP guarantee of a whole RDP curve on DEFAULT_ORDERS (edge warnings silenced)."""
-    from accounting.rdp import DEFAULT_ORDERS
+    from maskdp.accounting.rdp import DEFAULT_ORDERS
 
     if relation is Relation.SUBSTITUTE:
         return _rdp_substitute(rdp, delta, conversion)[0]
@@ -235,7 +234,7 @@ def calibrate_noise(
     }
     at_limit = _sigma_error(target)
 
-    from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     def g_rdp(x: float) -> float:
         rdp = n * rdp_poisson_gaussian(q, math.exp(x), DEFAULT_ORDERS)
@@ -306,7 +305,7 @@ def max_steps(
     limits = {"lo": 1.0, "hi": float(STEPS_MAX + 1), "feasible_up": False, "integer": True}
     at_limit = _steps_error(target)
 
-    from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     per_step = rdp_poisson_gaussian(q, sigma, DEFAULT_ORDERS)
 
@@ -414,7 +413,7 @@ class _StepsCurve:
             delta_error = self.delta / 1000.0
             if self.relation is Relation.SUBSTITUTE:
                 # The search visits erase deltas near the RDP one (RDP overestimates epsilon).
-                from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+                from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
                 rdp = size * rdp_poisson_gaussian(self.q, self.sigma, DEFAULT_ORDERS)
                 d_rdp = _rdp_substitute(rdp, self.delta, self.conversion)[1]

@@ -1,7 +1,7 @@
 """The accounting commands of the ``maskdp`` CLI: ``epsilon``, ``noise``, ``steps``, ``risk``.
 
-Each command is a thin shell: it hands its options, as typed, to :func:`accounting.params.parse`
-(the one place where input is validated), calls :mod:`accounting.api` and prints a table
+Each command is a thin shell: it hands its options, as typed, to :func:`maskdp.accounting.params.parse`
+(the one place where input is validated), calls :mod:`maskdp.accounting.api` and prints a table
 (rich, imported only then) or, with ``--json``, exactly one JSON object on stdout.
 
 :func:`run` is the top level: any usage error or bad value exits with code 2 and one line on
@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
-
-from accounting import api
-from accounting.params import (
+from maskdp.accounting import api
+from maskdp.accounting.params import (
     DEFAULT_DELTA,
     EpsilonParams,
     NoiseParams,
@@ -39,7 +38,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
 
 __all__ = ["register", "run"]
 
-# --- options (text, validated by accounting.params) -----------------------------------------
+# --- options (text, validated by maskdp.accounting.params) -----------------------------------------
 
 _SAMPLING = "Sampling"
 _PRIVACY = "Privacy"

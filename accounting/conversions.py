@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.rdp import DEFAULT_ORDERS, MAX_ORDER, rdp_of_events
 from numpy.typing import ArrayLike
-
-from accounting import _validate
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.rdp import DEFAULT_ORDERS, MAX_ORDER, rdp_of_events
 
 Conversion = Literal["hypothesis-test", "classic"]
 CONVERSIONS: tuple[str, ...] = ("hypothesis-test", "classic")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from accounting import _validate
-from accounting.errors import InvalidParameterError
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import InvalidParameterError
 
 _FIELDS = ("sample_rate", "noise_multiplier", "steps")
 

@@ -18,12 +18,12 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from accounting import _validate
-from accounting.conversions import CONVERSIONS, Conversion, EpsilonResult, _minimise
-from accounting.errors import AccountingError, InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.prv import PRVResult, curve_for, default_eps_error
-from accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting import _validate
+from maskdp.accounting.conversions import CONVERSIONS, Conversion, EpsilonResult, _minimise
+from maskdp.accounting.errors import AccountingError, InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.prv import PRVResult, curve_for, default_eps_error
+from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
 
 Accountant = Literal["rdp", "prv"]
 FORMAT = "maskdp-privacy-ledger"
@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 
 def _rdp_substitute(rdp: Any, delta: float, conversion: str) -> tuple[float, float]:
     """Group-privacy substitute epsilon and the erase delta it used, from an RDP curve."""
-    from accounting.rdp import DEFAULT_ORDERS
+    from maskdp.accounting.rdp import DEFAULT_ORDERS
 
     def erase_eps(d: float) -> float:
         with warnings.catch_warnings():
@@ -52,7 +52,7 @@ def _rdp(
     relation: Relation,
     eps_error: float,
 ) -> EpsilonResult:
-    from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
     rdp = rdp_of_events(events, DEFAULT_ORDERS)
     if relation is Relation.ERASE:
@@ -79,7 +79,7 @@ def _prv(
         return PRVResult(lower, estimate, upper, delta)
     # Size delta_error from the RDP answer: RDP overestimates epsilon, so its erase delta d is
     # at most the PRV one, and d / 1000 stays below the deltas the search visits near it.
-    from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
     _, d_rdp = _rdp_substitute(rdp_of_events(events, DEFAULT_ORDERS), delta, conversion)
     if d_rdp == 0.0:  # erase epsilon in the hundreds: PRV cannot resolve such deltas either
@@ -113,13 +113,13 @@ def account(
 ) -> EpsilonResult | PRVResult:
     r"""Epsilon of the composition of ``events`` at ``delta``: the rich result.
 
-    * ``accountant="rdp"``: :class:`EpsilonResult` on :data:`~accounting.rdp.DEFAULT_ORDERS`
+    * ``accountant="rdp"``: :class:`EpsilonResult` on :data:`~maskdp.accounting.rdp.DEFAULT_ORDERS`
       with ``conversion`` (an upper bound);
     * ``accountant="prv"``: :class:`PRVResult` (lower, estimate, upper; the upper is the
       guarantee), ``eps_error`` its epsilon error (default:
-      :func:`accounting.prv.default_eps_error`); ``conversion`` is ignored.
+      :func:`maskdp.accounting.prv.default_eps_error`); ``conversion`` is ignored.
     * ``relation="substitute"``: group privacy of size 2 from erase (see
-      :mod:`accounting.relations`); for PRV the lower and estimate fields then bracket the
+      :mod:`maskdp.accounting.relations`); for PRV the lower and estimate fields then bracket the
       group-privacy expression :math:`2\varepsilon(d)`, not the true substitute epsilon.
     """
     d = _validate.open_unit("delta", delta)

@@ -1,8 +1,8 @@
 """Validated inputs of the accounting commands, shared by the CLI and the Python API.
 
-Every rule on user input lives here, once. The CLI and :mod:`accounting.api` build one of
+Every rule on user input lives here, once. The CLI and :mod:`maskdp.accounting.api` build one of
 the models below through :func:`parse`, which turns a pydantic ``ValidationError`` into an
-:class:`~accounting.errors.InvalidParameterError` with one line naming the parameter (in
+:class:`~maskdp.accounting.errors.InvalidParameterError` with one line naming the parameter (in
 Python or CLI spelling) and the rule it broke, e.g. ``--sample-rate must be a number in
 (0, 1], got 1.5``.
 
@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Annotated, Any, Literal, TypeVar
 
+from maskdp.accounting.errors import InvalidParameterError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
-
-from accounting.errors import InvalidParameterError
 
 DEFAULT_DELTA = 1e-5
 """Default target delta: the usual choice for datasets of up to ~10^5 records (delta < 1/N)."""

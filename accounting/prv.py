@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from accounting import _validate
-from accounting.errors import AccountingError, InvalidParameterError
-from accounting.events import PoissonGaussianEvent
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import AccountingError, InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
 
 MAX_GRID = 3_000_000
 """Most PRV discretisation nodes we build, over all distinct (q, sigma): about 2 GB of
@@ -202,9 +202,8 @@ def _safe_half_width(
     with the hypothesis-test conversion. Any valid RDP bound serves; ours is never looser.
     """
     import numpy as np
-
-    from accounting.conversions import _epsilons
-    from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+    from maskdp.accounting.conversions import _epsilons
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     total = sum(steps)
     per_step = [rdp_poisson_gaussian(q, s, DEFAULT_ORDERS) for q, s in mechanisms]
@@ -267,7 +266,7 @@ def default_eps_error(events: Sequence[PoissonGaussianEvent], delta: float) -> f
     epsilon (an upper bound, cheap) sets the scale, which keeps the upper bound within about
     1% of the exact value while the grid stays affordable.
     """
-    from accounting.conversions import epsilon_from_events
+    from maskdp.accounting.conversions import epsilon_from_events
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -57,11 +57,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
 from numpy.typing import ArrayLike
-
-from accounting import _validate
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
 
 MAX_ORDER = 1e6
 """Largest accepted Renyi order (integer orders cost ``alpha`` terms each)."""

@@ -40,8 +40,8 @@ import math
 from collections.abc import Callable
 from enum import Enum
 
-from accounting import _validate
-from accounting.errors import AccountingError
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import AccountingError
 
 _D_MIN = 1e-300
 

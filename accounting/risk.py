@@ -29,10 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-
-from accounting import _validate
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
+from maskdp.accounting import _validate
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
 
 
 @dataclass(frozen=True)
@@ -132,8 +131,8 @@ def _rdp_profile(events: Sequence[PoissonGaussianEvent]) -> tuple[np.ndarray, np
     at a grid of epsilons; each pair is a valid hypothesis-test conversion."""
     import warnings
 
-    from accounting.conversions import _minimise, rdp_to_delta
-    from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+    from maskdp.accounting.conversions import _minimise, rdp_to_delta
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
     rdp = rdp_of_events(events, DEFAULT_ORDERS)
     deltas = np.geomspace(1e-16, 0.5, 120)
@@ -151,7 +150,7 @@ def _prv_profile(
     events: Sequence[PoissonGaussianEvent], eps_error: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(epsilon, upper delta) pairs from the PRV curve on an epsilon grid."""
-    from accounting.prv import curve_for
+    from maskdp.accounting.prv import curve_for
 
     curve = curve_for(events, eps_error=eps_error, delta_error=1e-12)
     if curve is None:
@@ -175,7 +174,7 @@ def attack_risk(
     whole privacy profile (module docstring), not only the (epsilon, delta) at ``delta``;
     ``epsilon`` reports the accountant's guarantee at ``delta`` when it is given.
     """
-    from accounting.ledger import ACCOUNTANTS, account, guarantee
+    from maskdp.accounting.ledger import ACCOUNTANTS, account, guarantee
 
     alpha = _validate.closed_unit("fpr", fpr)
     name = _validate.choice("accountant", accountant, ACCOUNTANTS)

@@ -129,11 +129,10 @@ def query_times() -> str:
     import torch
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
+    from maskdp.accounting.conversions import epsilon_from_events
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.prv import prv_epsilon
     from opacus.accountants import PRVAccountant, RDPAccountant
-
-    from accounting.conversions import epsilon_from_events
-    from accounting.events import PoissonGaussianEvent
-    from accounting.prv import prv_epsilon
 
     torch.set_num_threads(1)
     events = [PoissonGaussianEvent(Q, SIGMA, STEPS)]
@@ -211,10 +210,9 @@ def cold_start() -> str:
 
 
 def calibration() -> str:
+    from maskdp.accounting.calibration import calibrate_noise
+    from maskdp.accounting.ledger import PrivacyLedger
     from opacus.accountants.utils import get_noise_multiplier
-
-    from accounting.calibration import calibrate_noise
-    from accounting.ledger import PrivacyLedger
 
     def ours(accountant: str) -> Callable[[], float]:
         return lambda: calibrate_noise(
@@ -260,10 +258,9 @@ def calibration() -> str:
 def tightness() -> tuple[str, bool]:
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
-
-    from accounting.conversions import epsilon_from_events
-    from accounting.events import PoissonGaussianEvent
-    from accounting.prv import prv_epsilon
+    from maskdp.accounting.conversions import epsilon_from_events
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.prv import prv_epsilon
 
     rows = []
     all_ok = True

@@ -11,7 +11,7 @@ Usage (from the repository root)::
 ``cli.md`` is the live ``--help`` of every ``maskdp`` command (run with ``COLUMNS=100``,
 ``TERM=dumb`` and ``NO_COLOR=1`` so that the text does not depend on the terminal);
 ``api.md`` is the signature and first docstring paragraph of every public name of
-``accounting``, ``maskdp``, ``maskdp.models`` and ``maskdp.data`` (their ``_EXPORTS`` maps).
+``maskdp.accounting``, ``maskdp``, ``maskdp.models`` and ``maskdp.data`` (their ``_EXPORTS`` maps).
 Neither page is edited by hand: the check compares them with a fresh rendering.
 
 The link check covers ``README.md`` and ``docs/*.md``: every relative link or image must
@@ -37,7 +37,7 @@ DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 NOTEBOOKS = DOCS / "notebooks"
 GENERATED = ("cli.md", "api.md")
-API_PACKAGES = ("accounting", "maskdp", "maskdp.models", "maskdp.data")
+API_PACKAGES = ("maskdp.accounting", "maskdp", "maskdp.models", "maskdp.data")
 REGENERATE = "python docs/build.py"
 HELP_ENV = {"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1", "PYTHONIOENCODING": "utf-8"}
 

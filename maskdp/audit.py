@@ -245,7 +245,7 @@ def theory_epsilon(
     *, sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str
 ) -> float:
     """The accountant's epsilon (an upper bound) for ``steps`` steps at (q, sigma); inf if sigma = 0."""
-    from accounting.ledger import PrivacyLedger
+    from maskdp.accounting.ledger import PrivacyLedger
 
     if noise_multiplier == 0:
         return math.inf
@@ -702,7 +702,7 @@ def audit(
             batch shows its unamplified Gaussian there. ``"auto"``: gated for a sensitive
             canary with ``sample_rate < 1``, direction otherwise.
     """
-    from accounting.ledger import ACCOUNTANTS
+    from maskdp.accounting.ledger import ACCOUNTANTS
 
     # ---- validate everything before any training
     sigma = check_noise_multiplier(noise_multiplier)

@@ -8,7 +8,7 @@ accountants' guarantees, which the search relies on.
 
 from __future__ import annotations
 
-from accounting.ledger import PrivacyLedger
+from maskdp.accounting.ledger import PrivacyLedger
 
 MAX_GUARDED_STEPS = 2**31
 

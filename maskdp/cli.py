@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from accounting.cli import register, run
 from maskdp import train_cli
+from maskdp.accounting.cli import register, run
 
 app = typer.Typer(
     name="maskdp",

@@ -42,9 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from accounting.errors import AccountingError
-from accounting.ledger import ACCOUNTANTS, PrivacyLedger
 from maskdp import noise, postprocess, precision
+from maskdp.accounting.errors import AccountingError
+from maskdp.accounting.ledger import ACCOUNTANTS, PrivacyLedger
 from maskdp.budget import epsilon_after, steps_within_budget
 from maskdp.checks import (
     check_batch_size,
@@ -69,8 +69,10 @@ Sums = dict[str, Tensor]
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     """Whether two non-empty tensors are views of the same memory (the same batch)."""
-    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == (
-        b.untyped_storage().data_ptr()
+    return (
+        a.numel() > 0
+        and b.numel() > 0
+        and a.untyped_storage().data_ptr() == (b.untyped_storage().data_ptr())
     )
 
 

@@ -188,13 +188,13 @@ def make_private_with_epsilon(
 ) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
     """:func:`make_private` with the smallest noise that keeps ``epochs`` epochs within budget.
 
-    The noise multiplier comes from :func:`accounting.calibration.calibrate_noise` for
+    The noise multiplier comes from :func:`maskdp.accounting.calibration.calibrate_noise` for
     ``steps = epochs * len(data_loader)`` at the Poisson rate (its epsilon is at most the
     target: the safe side). The budget guard is armed with the same target, so a step past
     the planned ones raises :class:`~maskdp.errors.PrivacyBudgetExceeded`. Other keyword
     arguments are those of :func:`make_private`.
     """
-    from accounting.calibration import calibrate_noise
+    from maskdp.accounting.calibration import calibrate_noise
 
     target = check_target_epsilon(target_epsilon)
     delta = check_delta(target_delta, "target_delta")

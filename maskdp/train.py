@@ -146,7 +146,7 @@ def make_plan(config: TrainConfig, dataset_size: int) -> Plan:
         return Plan(q, public_steps, private_steps, 0.0)
     if config.noise_multiplier is not None:
         return Plan(q, public_steps, private_steps, config.noise_multiplier)
-    from accounting.calibration import calibrate_noise
+    from maskdp.accounting.calibration import calibrate_noise
 
     sigma = calibrate_noise(
         config.target_epsilon,

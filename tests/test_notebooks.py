@@ -10,7 +10,6 @@ To refresh them: ``python docs/build.py notebooks``.
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
@@ -93,14 +92,11 @@ def test_committed_notebook_is_executed_without_errors(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_executes_and_draws_its_figures(name: str, tmp_path: Path) -> None:
     build = _load_build()
-    start = time.perf_counter()
     notebook = build.execute_notebook(
         NOTEBOOKS / name, timeout=CELL_TIMEOUT, env={"MASKDP_DOCS_IMG": str(tmp_path)}
     )
-    elapsed = time.perf_counter() - start
     assert not _errors(notebook), _errors(notebook)
     for figure in FIGURES[name]:
         path = tmp_path / figure
         assert path.exists(), f"{name} did not write {figure}"
         assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 5_000
-    assert elapsed < 300, f"{name} took {elapsed:.0f} s; keep both notebooks under 5 minutes"

@@ -1,6 +1,6 @@
 r"""Poisson sampling: the batches the privacy accounting assumes.
 
-The accountant (:mod:`accounting.rdp`, :mod:`accounting.prv`) charges each step as the
+The accountant (:mod:`maskdp.accounting.rdp`, :mod:`maskdp.accounting.prv`) charges each step as the
 *Poisson-subsampled* Gaussian mechanism: every record joins the batch independently with
 probability :math:`q`, so batch sizes vary (Binomial(N, q); sometimes zero) and the batch
 composition is hidden by the sampling randomness. **Shuffled fixed-size batches are not

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from accounting.api import compute_epsilon, compute_noise, compute_risk, compute_steps
-from accounting.errors import InvalidParameterError
-from accounting.params import EpsilonParams, StepsParams, parse
+from maskdp.accounting.api import compute_epsilon, compute_noise, compute_risk, compute_steps
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.params import EpsilonParams, StepsParams, parse
 
 BASE = {"sample_rate": 0.01, "steps": 1000, "noise_multiplier": 1.1}
 PRV = {"sample_rate": 0.1, "steps": 50, "noise_multiplier": 2.0}  # few steps: a small PRV grid
@@ -139,8 +138,8 @@ def test_api_errors_are_value_errors() -> None:
 
 
 def test_epsilon_rdp_keys_and_independent_value() -> None:
-    from accounting.conversions import rdp_to_epsilon
-    from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+    from maskdp.accounting.conversions import rdp_to_epsilon
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     report = compute_epsilon(**BASE)
     data = _strict_json(report)
@@ -174,8 +173,8 @@ def test_epsilon_classic_is_looser_and_substitute_is_larger() -> None:
 
 
 def test_epsilon_prv_sandwich_and_keys() -> None:
-    from accounting.events import PoissonGaussianEvent
-    from accounting.prv import prv_epsilon
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.prv import prv_epsilon
 
     data = _strict_json(compute_epsilon(**PRV, accountant="prv"))
     for key in ("epsilon", "epsilon_estimate", "epsilon_lower", "delta", "accountant"):
@@ -240,8 +239,8 @@ def test_steps_is_safe_and_maximal() -> None:
 
 
 def test_risk_keys_and_range() -> None:
-    from accounting.events import PoissonGaussianEvent
-    from accounting.risk import attack_risk
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.risk import attack_risk
 
     data = _strict_json(compute_risk(**BASE, fpr=0.01))
     assert {"tpr_upper", "fpr", "advantage_upper", "accountant"} <= set(data)

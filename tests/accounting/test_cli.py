@@ -1,6 +1,6 @@
 """The accounting commands of the ``maskdp`` CLI: output, agreement with the API, bad input.
 
-Most cases run in-process through :func:`accounting.cli.run` (the same top level as the
+Most cases run in-process through :func:`maskdp.accounting.cli.run` (the same top level as the
 console script); a representative subset runs the installed ``maskdp`` script.
 """
 
@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from maskdp.accounting.api import compute_epsilon, compute_noise, compute_risk, compute_steps
+from maskdp.accounting.cli import run
 
-from accounting.api import compute_epsilon, compute_noise, compute_risk, compute_steps
-from accounting.cli import run
 from maskdp.cli import app
 
 EPS_ARGS = ["--sample-rate", "0.01", "--steps", "1000", "--noise-multiplier", "1.1"]
@@ -233,7 +233,7 @@ def test_script_help_lists_commands() -> None:
 def test_rdp_path_imports_neither_torch_nor_scipy() -> None:
     code = (
         "import sys\n"
-        "from accounting.cli import run\n"
+        "from maskdp.accounting.cli import run\n"
         "from maskdp.cli import app\n"
         f"assert run(app, {['epsilon', *EPS_ARGS, '--json']!r}) == 0\n"
         f"assert run(app, {['epsilon', *EPS_ARGS]!r}) == 0\n"
@@ -248,12 +248,12 @@ def test_rdp_path_imports_neither_torch_nor_scipy() -> None:
 def test_internal_error_is_one_line_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import accounting.api
+    import maskdp.accounting.api
 
     def broken(params: object) -> None:
         raise OverflowError("boom")
 
-    monkeypatch.setattr(accounting.api, "epsilon_report", broken)
+    monkeypatch.setattr(maskdp.accounting.api, "epsilon_report", broken)
     monkeypatch.delenv("MASKDP_DEBUG", raising=False)
     code, out, err = cli(capsys, "epsilon", *EPS_ARGS)
     assert (code, out) == (1, "")

@@ -10,16 +10,15 @@ import pytest
 from exact_gaussian import exact_gaussian_epsilon
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from accounting.conversions import (
+from maskdp.accounting.conversions import (
     EpsilonResult,
     epsilon_from_events,
     rdp_to_delta,
     rdp_to_epsilon,
 )
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
 # Grids the published values were computed on.
 OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

@@ -6,9 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
 
 BAD_FLOATS = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, True, None, "0.5"]
 

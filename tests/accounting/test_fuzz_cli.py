@@ -1,6 +1,6 @@
 """Fuzzing the accounting commands of the ``maskdp`` CLI, and a stress grid of the accountant.
 
-CLI (in process, ``accounting.cli.run(maskdp.cli.app, argv)``, stdout/stderr captured):
+CLI (in process, ``maskdp.accounting.cli.run(maskdp.cli.app, argv)``, stdout/stderr captured):
 hypothesis draws argument vectors for ``epsilon``, ``noise``, ``steps`` and ``risk``, mixing
 plausible values with nan, inf, -0, 1e308, huge integers, unicode digits and words, and
 missing, duplicated, unknown and contradictory options. Every run must
@@ -38,8 +38,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from maskdp.accounting.cli import run
 
-from accounting.cli import run
 from maskdp.cli import app
 
 COMMANDS = ("epsilon", "noise", "steps", "risk")
@@ -323,9 +323,9 @@ def test_edge_vectors(args: list[str]) -> None:
 
 
 def test_stress_grid_of_10k_settings_is_finite_and_monotone() -> None:
-    from accounting.conversions import rdp_to_epsilon
-    from accounting.ledger import PrivacyLedger
-    from accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
+    from maskdp.accounting.conversions import rdp_to_epsilon
+    from maskdp.accounting.ledger import PrivacyLedger
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     qs = np.geomspace(1e-5, 1.0, 10)
     sigmas = np.geomspace(0.3, 50.0, 10)

@@ -8,13 +8,12 @@ import warnings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from accounting.conversions import EpsilonResult, epsilon_from_events
-from accounting.errors import AccountingError, InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.ledger import PrivacyLedger
-from accounting.prv import PRVResult, prv_epsilon
-from accounting.relations import Relation
+from maskdp.accounting.conversions import EpsilonResult, epsilon_from_events
+from maskdp.accounting.errors import AccountingError, InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.ledger import PrivacyLedger
+from maskdp.accounting.prv import PRVResult, prv_epsilon
+from maskdp.accounting.relations import Relation
 
 
 def test_record_merges_equal_consecutive_segments():

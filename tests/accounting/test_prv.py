@@ -8,11 +8,10 @@ import warnings
 import numpy as np
 import pytest
 from exact_gaussian import exact_gaussian_delta, exact_gaussian_epsilon
-
-from accounting.errors import AccountingError, InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.prv import PRVResult, curve_for, prv_delta, prv_epsilon
-from accounting.rdp import rdp_of_events
+from maskdp.accounting.errors import AccountingError, InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.prv import PRVResult, curve_for, prv_delta, prv_epsilon
+from maskdp.accounting.rdp import rdp_of_events
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
@@ -25,7 +24,7 @@ def test_sandwiches_the_exact_gaussian(sigma):
     assert res.epsilon_upper - res.epsilon_lower <= 2 * 0.01 + 0.005
     assert abs(res.epsilon_estimate - exact) < 1e-3
     # RDP (both conversions) is above the truth and above the PRV lower bound.
-    from accounting.conversions import epsilon_from_events
+    from maskdp.accounting.conversions import epsilon_from_events
 
     for conversion in ("hypothesis-test", "classic"):
         assert (
@@ -93,8 +92,8 @@ def _check_against_pld(segments, delta):
     # connect-the-dots PLD is nearly exact: the PRV estimate agrees with it closely
     assert abs(res.epsilon_estimate - pessimistic) <= 0.005 * pessimistic + 0.002
     # PRV is never looser than RDP's guarantee by more than its error bar
-    from accounting.conversions import rdp_to_epsilon
-    from accounting.rdp import DEFAULT_ORDERS
+    from maskdp.accounting.conversions import rdp_to_epsilon
+    from maskdp.accounting.rdp import DEFAULT_ORDERS
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

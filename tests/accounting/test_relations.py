@@ -6,9 +6,8 @@ import math
 
 import pytest
 from exact_gaussian import exact_gaussian_epsilon
-
-from accounting.errors import AccountingError, InvalidParameterError
-from accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting.errors import AccountingError, InvalidParameterError
+from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
 
 
 def test_relation_values_and_parsing():

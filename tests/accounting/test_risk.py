@@ -9,11 +9,10 @@ import pytest
 from exact_gaussian import exact_gaussian_tpr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from accounting.errors import InvalidParameterError
-from accounting.events import PoissonGaussianEvent
-from accounting.ledger import PrivacyLedger
-from accounting.risk import (
+from maskdp.accounting.errors import InvalidParameterError
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.ledger import PrivacyLedger
+from maskdp.accounting.risk import (
     RiskResult,
     _advantage_upper,
     _lines,

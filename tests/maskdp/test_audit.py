@@ -184,7 +184,7 @@ def test_statistics_refuse_bad_input(bad) -> None:
 
 
 def test_theory_epsilon_is_the_ledger_epsilon() -> None:
-    from accounting.ledger import PrivacyLedger
+    from maskdp.accounting.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()
     ledger.record(0.25, 1.5, 7)

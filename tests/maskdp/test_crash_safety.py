@@ -16,7 +16,7 @@ kills land during training and checkpoint writes too). Every time:
   run draws fresh batches and noise (as the uninterrupted run did), never a replay.
 
 The killed process is a real subprocess; the reference and the resumed runs go through
-the same CLI in-process (``accounting.cli.run``) to save interpreter start-ups. The default
+the same CLI in-process (``maskdp.accounting.cli.run``) to save interpreter start-ups. The default
 tier runs 3 trials, the slow tier 24.
 """
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from maskdp.accounting.cli import run
+from maskdp.accounting.ledger import PrivacyLedger
 
-from accounting.cli import run
-from accounting.ledger import PrivacyLedger
 from maskdp.cli import app
 from maskdp.train import CHECKPOINT, CONFIG, METRICS
 from maskdp.train_config import TrainConfig

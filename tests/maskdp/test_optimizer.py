@@ -24,12 +24,12 @@ import math
 
 import pytest
 import torch
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.ledger import PrivacyLedger
 from scipy import stats
 from torch import nn
 
 import maskdp
-from accounting.events import PoissonGaussianEvent
-from accounting.ledger import PrivacyLedger
 from maskdp.engines.base import ENGINES, engine_names
 from maskdp.errors import (
     InvalidInputError,

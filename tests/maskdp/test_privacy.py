@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from maskdp.accounting.calibration import calibrate_noise
+from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.ledger import PrivacyLedger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import maskdp
-from accounting.calibration import calibrate_noise
-from accounting.events import PoissonGaussianEvent
-from accounting.ledger import PrivacyLedger
 from maskdp.data import PoissonDataLoader
 from maskdp.data.poisson import MaskDPDataLoader, StepBatches
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded

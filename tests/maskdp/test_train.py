@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from maskdp.accounting.ledger import PrivacyLedger
 
-from accounting.ledger import PrivacyLedger
 from maskdp.errors import InvalidInputError
 from maskdp.train import CHECKPOINT, CONFIG, METRICS, Run, evaluate, train
 from maskdp.train_config import build_config

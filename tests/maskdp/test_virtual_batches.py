@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from maskdp.accounting.ledger import PrivacyLedger
 from torch import nn
 
-from accounting.ledger import PrivacyLedger
 from maskdp.batching import backward_in_micro_batches, iterate_micro_batches
 from maskdp.errors import InvalidInputError
 from maskdp.models import VideoViT
