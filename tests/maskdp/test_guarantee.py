@@ -60,6 +60,20 @@ def random_net() -> nn.Module:
     return RandomNet().train()
 
 
+def sgd_optimizer(model: nn.Module, **settings) -> MaskDPOptimizer:
+    """MaskDP-SGD at sigma = 1, C = 1, B = 4, q = 0.5 unless ``settings`` say otherwise."""
+    defaults = {
+        "loss_fn": nn.CrossEntropyLoss(),
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "expected_batch_size": 4,
+        "sample_rate": 0.5,
+    }
+    return MaskDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), model=model, **{**defaults, **settings}
+    )
+
+
 # ------------------------------------------------------------------ randomness in the model
 
 
@@ -116,7 +130,8 @@ def test_random_model_with_a_token_dropping_view_is_refused() -> None:
     m = torch.zeros(2, 4, 16, 16, dtype=torch.bool)
     m[:, :2, :8, :8] = True
     y = torch.tensor([0, 1])
-    with pytest.raises(UnsafeModelError, match=r"extra \(Dropout\).*model.eval"):
+
+    def step() -> None:
         masked_gradient(
             model,
             nn.CrossEntropyLoss(),
@@ -128,18 +143,11 @@ def test_random_model_with_a_token_dropping_view_is_refused() -> None:
             view=DropView.for_model(model),
             engine="vmap",
         )
+
+    with pytest.raises(UnsafeModelError, match=r"extra \(Dropout\).*model.eval"):
+        step()
     model.eval()  # without randomness the same view is accepted
-    masked_gradient(
-        model,
-        nn.CrossEntropyLoss(),
-        x,
-        m,
-        y,
-        max_grad_norm=1.0,
-        public=(x, m, y),
-        view=DropView.for_model(model),
-        engine="vmap",
-    )
+    step()
 
 
 # ------------------------------------------------------------------------ buffers
@@ -243,16 +251,7 @@ def test_bf16_model_contribution_stays_within_c_and_noise_is_float32(engine: str
     )
     assert float(gap) <= 0.37 * (1 + 1e-5)
     assert all(v.dtype == torch.float32 for v in with_record.private.values())
-    optimizer = MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0,
-        max_grad_norm=0.37,
-        expected_batch_size=4,
-        sample_rate=0.5,
-        engine=engine,
-    )
+    optimizer = sgd_optimizer(model, max_grad_norm=0.37, engine=engine)
     optimizer.backward(x, m, y, public=(x.clone(), m, y))
     optimizer.add_noise()
     assert all(v.dtype == torch.float32 for v in optimizer._noisy_private.values())
@@ -267,15 +266,7 @@ def test_two_runs_with_the_same_visible_configuration_draw_different_noise() -> 
     for _ in range(2):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
-        optimizer = MaskDPOptimizer(
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            model=model,
-            loss_fn=nn.CrossEntropyLoss(),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=4,
-            sample_rate=0.5,
-        )
+        optimizer = sgd_optimizer(model)
         x, m, y = batch()
         torch.manual_seed(0)  # even torch's global generator replayed
         optimizer.backward(x, m, y, public=(x.clone(), m, y))
@@ -287,24 +278,11 @@ def test_two_runs_with_the_same_visible_configuration_draw_different_noise() -> 
 
 def test_a_torch_generator_is_refused_and_seeding_is_loud() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
-    kwargs = {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 1.0,
-        "expected_batch_size": 4,
-        "sample_rate": 0.5,
-    }
     with pytest.raises(InvalidInputError, match="replayable"):
-        MaskDPOptimizer(
-            torch.optim.SGD(model.parameters(), lr=1.0), randomness=torch.Generator(), **kwargs
-        )
+        sgd_optimizer(model, randomness=torch.Generator())
     with pytest.warns(UserWarning, match="replayable"):
         seeded = InsecureSeededRandomness(3)
-    optimizer = MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), randomness=seeded, **kwargs
-    )
-    assert "insecure_randomness" in optimizer.state_dict()
+    assert "insecure_randomness" in sgd_optimizer(model, randomness=seeded).state_dict()
 
 
 def test_secret_gaussians_have_the_standard_normal_moments() -> None:
@@ -340,16 +318,7 @@ def test_shards_partition_the_dataset() -> None:
 def test_backward_refuses_a_missing_public_batch_and_returns_the_public_loss() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
-    optimizer = MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=4,
-        sample_rate=0.5,
-        view=FillView(0.0),
-    )
+    optimizer = sgd_optimizer(model, view=FillView(0.0))
     x, m, y = batch()
     with pytest.raises(InvalidInputError, match="public="):
         optimizer.backward(x, m, y)
