@@ -33,7 +33,8 @@ from maskdp.engines.base import (
 )
 from maskdp.errors import InvalidInputError
 from maskdp.masks import check_pixel_mask
-from maskdp.validate import ModelGuard, validate_model
+from maskdp.probe import ModelGuard
+from maskdp.validate import validate_model
 from maskdp.views import PublicView, as_view, with_absent
 
 Records = Sequence[Tensor]  # (inputs (N, C, T, H, W), mask (N, T, H, W), targets (N,))
@@ -208,15 +209,18 @@ def masked_gradient(
         view, inputs, mask, targets, protect_labels=protect_labels, present=present, guard=guard
     )
     engine_impl = resolve_engine(engine, model)(model, loss_fn)
-    try:
-        clipped = engine_impl.compute(batch, max_grad_norm=clip)
-    finally:
-        engine_impl.close()
-    if public_batch is None:
-        public_sum = {n: torch.zeros_like(v) for n, v in clipped.private.items()}
-        loss, count = torch.zeros((), device=inputs.device), 0
-    else:
-        public_sum, loss, count = public_gradient(model, engine_impl.loss_fn, view, public_batch)
+    with guard.watch():
+        try:
+            clipped = engine_impl.compute(batch, max_grad_norm=clip)
+        finally:
+            engine_impl.close()
+        if public_batch is None:
+            public_sum = {n: torch.zeros_like(v) for n, v in clipped.private.items()}
+            loss, count = torch.zeros((), device=inputs.device), 0
+        else:
+            public_sum, loss, count = public_gradient(
+                model, engine_impl.loss_fn, view, public_batch
+            )
     return MaskedGradient(
         public=public_sum,
         private=clipped.private,

@@ -58,8 +58,9 @@ from maskdp.distributed import DistributedContext, unwrap_ddp
 from maskdp.engines.base import Engine, PerSampleLoss, accumulation_dtype, resolve_engine
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded, UnsupportedModelError
 from maskdp.functional import Records, check_public_batch, make_batch, public_gradient
-from maskdp.randomness import Randomness, check_randomness, is_replayable
-from maskdp.validate import ModelGuard, validate_model
+from maskdp.probe import ModelGuard
+from maskdp.randomness import Randomness, check_randomness, is_replayable, private_scope
+from maskdp.validate import validate_model
 from maskdp.views import PublicView, as_view
 
 FORMAT = "maskdp-optimizer"
@@ -218,6 +219,17 @@ class MaskDPOptimizer(Optimizer):
                     "expected_batch_size": self._batch_size,
                     "expected_public_batch_size": self._public_batch_size,
                     "sample_rate": self._sample_rate,
+                    # A difference below would pair different all-reduces across ranks.
+                    "protect_labels": float(self._protect_labels),
+                    "private_weight": self._private_weight,
+                    "shrinkage": float(self._shrinkage is not None),
+                    "autocast": float((None, torch.float16, torch.bfloat16).index(self._autocast)),
+                    "released tensors": float(
+                        sum(len(group["params"]) for group in optimizer.param_groups)
+                    ),
+                    "released values": float(
+                        sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+                    ),
                 }
             )
         self._engine: Engine = engine_cls(model, loss_fn)
@@ -361,8 +373,13 @@ class MaskDPOptimizer(Optimizer):
             raise AttributeError(name)
         return getattr(inner, name)
 
+    #: Attributes computed from the private batch without noise: never pickled.
+    _UNRELEASED = ("last_norms", "last_clip_factors", "_private_sum", "_noisy_private")
+
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
+        """The optimizer's state for pickling, without anything un-noised from the private
+        batch (the accumulated clipped sum, the last norms and clip factors)."""
+        return {k: (None if k in self._UNRELEASED else v) for k, v in self.__dict__.items()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -427,17 +444,20 @@ class MaskDPOptimizer(Optimizer):
                 "reveals which records were sampled); use the second item of make_private's "
                 "loader"
             )
-        batch = make_batch(
-            self._view,
-            inputs,
-            mask,
-            targets,
-            protect_labels=self._protect_labels,
-            present=present,
-            guard=self._guard,
-        )
-        with precision.autocast(self._autocast, inputs.device):
-            clipped = self._engine.compute(batch, max_grad_norm=self._clip)
+        # The private side on a random stream of its own (maskdp.randomness.private_scope):
+        # what it draws never shifts the streams the public batch uses.
+        with self._guard.watch(), precision.autocast(self._autocast, inputs.device):
+            with private_scope(self._randomness, inputs.device):
+                batch = make_batch(
+                    self._view,
+                    inputs,
+                    mask,
+                    targets,
+                    protect_labels=self._protect_labels,
+                    present=present,
+                    guard=self._guard,
+                )
+                clipped = self._engine.compute(batch, max_grad_norm=self._clip)
             if public_batch is not None:
                 public_sum, loss, count = public_gradient(
                     self._model, self._engine.loss_fn, self._view, public_batch

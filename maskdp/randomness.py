@@ -22,9 +22,12 @@ name says what it is, and a checkpoint that saves its state says so in its forma
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,6 +49,11 @@ class Randomness(Protocol):
 
     def gaussian(self, shape: tuple[int, ...], *, device: torch.device) -> Tensor:
         """Standard normals of ``shape`` in float32 on ``device``."""
+        ...
+
+    def stream_seed(self) -> int:
+        """A 63-bit seed for the private side's own random stream (:func:`private_scope`),
+        drawn without moving the uniform and Gaussian draws."""
         ...
 
 
@@ -77,6 +85,9 @@ class SecretRandomness:
         z = box_muller(u[:half], u[half:])[:count]
         return z.to(dtype=torch.float32).reshape(shape).to(device)
 
+    def stream_seed(self) -> int:
+        return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
     def __repr__(self) -> str:
         return "SecretRandomness()"
 
@@ -99,6 +110,7 @@ class InsecureSeededRandomness:
         )
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
+        self._streams = torch.Generator().manual_seed(seed ^ 0x5EED)
 
     def uniform(self, count: int) -> Tensor:
         if count <= 0:
@@ -110,20 +122,29 @@ class InsecureSeededRandomness:
         z = torch.randn(shape, generator=self._generator, dtype=torch.float32)
         return z.to(device)
 
+    def stream_seed(self) -> int:
+        return int(torch.randint(0, 1 << 62, (1,), generator=self._streams))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "state": self._generator.get_state()}
+        return {
+            "seed": self.seed,
+            "state": self._generator.get_state(),
+            "streams": self._streams.get_state(),
+        }
 
     @staticmethod
     def check_state(state: Any) -> None:
         """Raise :class:`InvalidInputError` unless ``state`` is a :meth:`state_dict` output."""
         try:
             torch.Generator().set_state(state["state"])
+            torch.Generator().set_state(state["streams"])
         except (KeyError, TypeError, RuntimeError) as err:
             raise InvalidInputError(f"insecure_randomness state is invalid: {err}") from None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         self._generator.set_state(state["state"])
+        self._streams.set_state(state["streams"])
 
     def __repr__(self) -> str:
         return f"InsecureSeededRandomness(seed={self.seed})"
@@ -153,3 +174,41 @@ def check_randomness(value: Randomness | None) -> Randomness:
 def is_replayable(value: Randomness) -> bool:
     """Whether ``value`` can be replayed (a seeded generator with a state to save)."""
     return hasattr(value, "state_dict")
+
+
+_PRIVATE_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "maskdp_private_scope", default=False
+)
+
+
+@contextmanager
+def private_scope(randomness: Randomness, device: torch.device) -> Iterator[None]:
+    r"""Run the private side of a step on a random stream of its own.
+
+    Everything computed from the private batch (its public views, the model probe, the two
+    passes of every record with their dropout draws) may consume random numbers in an
+    amount that depends on the private batch (its size). If it consumed them from the
+    streams the public batch uses next (torch's global generator, a random-fill view's
+    generator), the public term would depend on the private batch and step 1 of the proof
+    (docs/privacy.md) would fail. Inside this scope torch's generator (CPU, and ``device``'s
+    CUDA generator) is forked and seeded from ``randomness`` (secret by default), views draw
+    from it instead of their own generators (:func:`in_private_scope`), and on exit the
+    outer streams are exactly as they were.
+    """
+    seed = randomness.stream_seed()
+    devices = [device] if device.type == "cuda" else []
+    token = _PRIVATE_SCOPE.set(True)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+            yield
+    finally:
+        _PRIVATE_SCOPE.reset(token)
+
+
+def in_private_scope() -> bool:
+    """Whether the caller runs inside :func:`private_scope` (views then draw from torch's
+    forked generator, not from their own)."""
+    return _PRIVATE_SCOPE.get()

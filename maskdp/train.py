@@ -364,6 +364,8 @@ class Run:
             "accuracy": evaluate_model(self.model, self.test_set),
         }
         if seconds is not None:
+            # A function of the batch sizes, whose law is the same in both worlds of the
+            # erase relation; timing channels are outside the guarantee (docs/privacy.md).
             metrics["train_seconds"] = round(seconds, 2)
         return metrics
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from maskdp.errors import InvalidInputError, ViewContractError
 from maskdp.masks import check_pixel_mask, pixel_to_token_mask
+from maskdp.randomness import in_private_scope
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,10 @@ class RandomFillView(_PixelView):
     """Replace sensitive pixels by uniform noise in ``[low, high)`` from the view's own generator.
 
     The noise is drawn from a generator seeded at construction and never from the data, so
-    the public view is a function of public content and data-independent randomness.
+    the public view is a function of public content and data-independent randomness. On
+    the private side of a step (:func:`maskdp.randomness.private_scope`) it draws from the
+    scope's secret stream instead, so that its own generator, which serves the public batch,
+    never advances by an amount that depends on the private batch.
     """
 
     def __init__(self, low: float = 0.0, high: float = 1.0, *, seed: int = 0) -> None:
@@ -166,7 +170,8 @@ class RandomFillView(_PixelView):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def replacement(self, inputs: Tensor) -> Tensor:
-        noise = torch.rand(inputs.shape, generator=self._generator, dtype=torch.float32)
+        generator = None if in_private_scope() else self._generator
+        noise = torch.rand(inputs.shape, generator=generator, dtype=torch.float32)
         noise = noise.to(device=inputs.device, dtype=inputs.dtype)
         return self.low + (self.high - self.low) * noise
 
@@ -310,11 +315,11 @@ class DropView:
 class CallableView(_PixelView):
     """Wrap a user function ``fn(inputs, mask) -> public inputs`` (same shape as inputs).
 
-    On its first batch the function is checked against the public-view contract: its output
-    must keep the input's shape and must not change when only sensitive pixels change
-    (they are replaced by random values and by NaN-free extremes; any difference is a
-    :class:`ViewContractError`). The check is a test, not a proof: a user view must be a
-    function of public content by construction.
+    The function never sees sensitive content: it is called on the clip with its sensitive
+    pixels set to zero (``torch.where(mask, 0, inputs)``), so its output is a function of
+    public content and the mask by construction, whatever the function does (NaN or inf in
+    a sensitive pixel cannot reach it). On its first batch it is also checked to keep the
+    input's shape and to be deterministic on that input (:class:`ViewContractError`).
     """
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
@@ -324,7 +329,8 @@ class CallableView(_PixelView):
         self.checked = False
 
     def _apply(self, inputs: Tensor, mask: Tensor) -> Tensor:
-        out = self.fn(inputs, mask)
+        public_only = torch.where(mask[:, None], torch.zeros((), dtype=inputs.dtype), inputs)
+        out = self.fn(public_only, mask)
         if not isinstance(out, Tensor) or out.shape != inputs.shape:
             raise ViewContractError(
                 f"custom view must return a tensor of the input's shape {tuple(inputs.shape)}, "
@@ -333,7 +339,8 @@ class CallableView(_PixelView):
         return out
 
     def check_contract(self, inputs: Tensor, mask: Tensor) -> None:
-        """Perturb only sensitive pixels and require a bit-identical public view."""
+        """Perturb only sensitive pixels and require a bit-identical public view (it holds by
+        construction; the check catches a function that is not deterministic)."""
         reference = self._apply(inputs, mask)
         gen = torch.Generator().manual_seed(1234)
         sensitive = mask[:, None].expand_as(inputs)

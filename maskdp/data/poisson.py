@@ -70,6 +70,19 @@ class EmptyBatchCollate:
         return _empty_like_batch(self.template)
 
 
+def _process_group(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: as given, else the default process group's, else ``(0, 1)``."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if rank is not None or world_size is not None:
+        raise InvalidInputError("pass both rank and world_size, or neither")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _check_dataset(dataset: Any) -> int:
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         raise InvalidInputError(
@@ -88,7 +101,9 @@ class PoissonDataLoader(DataLoader):
     each record is in each batch independently with probability ``q``, drawn from
     ``randomness`` (default: secret OS entropy, :mod:`maskdp.randomness`). With
     ``world_size > 1`` it yields this ``rank``'s part of each step's global sample
-    (:mod:`maskdp.sampling`). Other keyword arguments go to
+    (:mod:`maskdp.sampling`); by default both come from ``torch.distributed`` when a process
+    group is initialised (each rank its shard, so that no record is sampled W times over),
+    and are ``(0, 1)`` otherwise. Other keyword arguments go to
     :class:`~torch.utils.data.DataLoader`, except those that define batches
     (``batch_size``, ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``,
     ``generator``).
@@ -102,11 +117,12 @@ class PoissonDataLoader(DataLoader):
         steps: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         randomness: Randomness | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         n = _check_dataset(dataset)
+        rank, world_size = _process_group(rank, world_size)
         q = check_sample_rate(sample_rate)
         if steps is None:
             steps = math.ceil(1.0 / q)
@@ -138,8 +154,8 @@ class PoissonDataLoader(DataLoader):
         sample_rate: float | None = None,
         steps: int | None = None,
         randomness: Randomness | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> PoissonDataLoader:
         """A Poisson loader over ``data_loader``'s dataset, keeping its other settings.
 

@@ -89,6 +89,12 @@ class RngSnapshot:
         if self.device is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
+    def unchanged(self) -> bool:
+        """Whether the generators are still in the snapshot's state (nothing was drawn)."""
+        if not torch.equal(torch.get_rng_state(), self.cpu):
+            return False
+        return self.device is None or torch.equal(torch.cuda.get_rng_state(self.device), self.cuda)
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype clipped sums and noise are computed in: ``dtype`` promoted to float32."""

@@ -94,11 +94,17 @@ class LayerResult:
     ``sq_norms`` (n,): per-sample squared norms of :math:`\Delta_i` on this layer.
     ``deltas``: instantiated :math:`\Delta_i`, flattened to (n, numel); ``weighted``, for
     the ghost branch, computes :math:`\sum_i c_i \Delta_i` from the clip factors itself.
+    ``sq_slack`` and ``slack`` (n,), on the ghost branch: certified bounds on the rounding
+    of the Gram products and of the weighted sums, so that
+    :math:`\sqrt{\text{sq\_norms} + \text{sq\_slack}} + \text{slack}` bounds the norm of
+    what is actually summed (:func:`ghost_slack`).
     """
 
     sq_norms: Tensor
     deltas: dict[str, Tensor]
     weighted: Callable[[Tensor], dict[str, Tensor]] | None = None
+    sq_slack: Tensor | None = None
+    slack: Tensor | None = None
 
     def private(self, factors: Tensor) -> dict[str, Tensor]:
         r""":math:`\sum_i c_i \Delta_i` per parameter (flattened for instantiated ones); rows
@@ -211,27 +217,66 @@ def _gram_dot(a1: Tensor, a2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
     )
 
 
-def ghost_sq_norms(af: Tensor, gf: Tensor, ap: Tensor | None, gp: Tensor | None) -> Tensor:
-    r"""Per-sample :math:`\lVert G_f^\top A_f + G_p^\top A_p\rVert_F^2` without forming it.
+Terms = list[tuple[Tensor, Tensor, float]]
+
+
+def ghost_terms(af: Tensor, gf: Tensor, ap: Tensor | None, gp: Tensor | None) -> Terms:
+    r""":math:`\Delta = \sum_t s_t G_t^\top A_t` as ``(A_t, G_t, s_t)`` row terms, in float64.
 
     Rows ``(n, R, d)`` and ``(n, R, p)``. With equal row counts the pair is rewritten as
     :math:`\Delta = dG^\top A_p - G_f^\top dA` with :math:`dA = A_p - A_f`,
-    :math:`dG = G_p + G_f` (exact algebra), so that a record whose two passes nearly agree
-    (small :math:`\Delta`) is computed from small differences instead of cancelling large
-    terms:
-    :math:`\lVert\Delta\rVert^2 = \langle A_pA_p^\top, dG\,dG^\top\rangle
-    + \langle dA\,dA^\top, G_fG_f^\top\rangle - 2\langle A_p dA^\top, dG\,G_f^\top\rangle`.
-    Otherwise the rows are concatenated and the Gram products taken in float64.
+    :math:`dG = G_p + G_f` (exact algebra; the public rows carry the sign), so that a record
+    whose two passes nearly agree has small rows instead of large ones that cancel, and an
+    erased record has exactly zero rows. Otherwise the rows are concatenated.
     """
+    af, gf = af.double(), gf.double()
     if ap is None or gp is None:
-        return _gram_dot(af, af, gf, gf).clamp_min(0)
+        return [(af, gf, 1.0)]
+    ap, gp = ap.double(), gp.double()
     if ap.shape[1] == af.shape[1]:
-        da, dg = ap - af, gp + gf
-        sq = _gram_dot(ap, ap, dg, dg) + _gram_dot(da, da, gf, gf) - 2 * _gram_dot(ap, da, dg, gf)
-        return sq.clamp_min(0)
-    a = torch.cat([af, ap], 1).double()
-    g = torch.cat([gf, gp], 1).double()
-    return _gram_dot(a, a, g, g).clamp_min(0)
+        return [(ap, gp + gf, 1.0), (ap - af, gf, -1.0)]
+    return [(torch.cat([af, ap], 1), torch.cat([gf, gp], 1), 1.0)]
+
+
+def ghost_sq_norms(terms: Terms) -> Tensor:
+    r"""Per-sample :math:`\lVert \sum_t s_t G_t^\top A_t \rVert_F^2` without forming it:
+    :math:`\sum_{t,t'} s_t s_{t'} \langle A_t A_{t'}^\top, G_t G_{t'}^\top\rangle`."""
+    first = terms[0][0]
+    sq = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+    for i, (a1, g1, s1) in enumerate(terms):
+        for j, (a2, g2, s2) in enumerate(terms[i:], start=i):
+            sq += (1.0 if i == j else 2.0) * s1 * s2 * _gram_dot(a1, a2, g1, g2)
+    return sq.clamp_min(0)
+
+
+_U64 = 2.0**-53
+
+
+def _gamma(k: int) -> float:
+    r"""Higham's :math:`\gamma_k = k u / (1 - k u)` for float64: the relative error bound of a
+    k-term dot product computed in any order."""
+    return k * _U64 / (1 - k * _U64)
+
+
+def ghost_slack(terms: Terms, *, d: int, p: int) -> tuple[Tensor, Tensor]:
+    r"""Per-row-group bounds ``(sq_slack, slack)`` on the rounding of the ghost branch.
+
+    With :math:`S = \sum_t \sum_r \lVert a_{tr}\rVert \lVert g_{tr}\rVert` over the rows of
+    the terms, the float64 Gram computation of :math:`\lVert\Delta\rVert^2` errs by at most
+    :math:`(2\gamma_k + \gamma_k^2 + 4u) S^2` (:math:`k = \max(d, p)`: each Gram entry is a
+    k-term dot product, then one product and a float64 sum; Higham 2002, Thm. 3.5) and the
+    float64 weighted sum of the record's rows, and the rounding of the rows themselves, by
+    at most :math:`(\gamma_{m+2} + 2u) S` (:math:`m` its rows). Without such a bound, rows
+    with large values that cancel could give a computed norm of 0 while the summed
+    contribution is large. Relative to :math:`\lVert\Delta\rVert` the slack is about
+    :math:`10^{-16} m S / \lVert\Delta\rVert`: invisible unless the rows cancel; zero for an
+    erased record (its terms have zero rows).
+    """
+    s = sum((a.norm(dim=2) * g.norm(dim=2)).sum(1) for a, g, _ in terms)
+    rows = sum(a.shape[1] for a, _, _ in terms)
+    k = max(d, p)
+    sq_slack = (2 * _gamma(k) + _gamma(k) ** 2 + 4 * _U64) * s.square()
+    return sq_slack, (_gamma(rows + 2) + 2 * _U64) * s
 
 
 # ------------------------------------------------------------------ linear-form layers
@@ -310,33 +355,38 @@ class LinearForm:
         return torch.bmm(g.transpose(1, 2), a).reshape(self.weight_shape)
 
     def ghost(self, pair: Pair, names: frozenset[str]) -> LayerResult:
-        """Ghost norms; the rows stay alive until the weighted sums are taken."""
+        """Ghost norms; the row terms stay alive (in float64) until the weighted sums."""
         n = pair.full.n
-        af, gf = self.rows_a(pair.full.inputs[0]), self.rows_g(pair.full.grad)
-        ap = gp = None
-        if pair.public is not None:
-            ap, gp = self.rows_a(pair.public.inputs[0]), self.rows_g(pair.public.grad)
-        sq = torch.zeros(n, dtype=torch.float64, device=gf.device)
+        public = pair.public
+        terms = ghost_terms(
+            self.rows_a(pair.full.inputs[0]),
+            self.rows_g(pair.full.grad),
+            None if public is None else self.rows_a(public.inputs[0]),
+            None if public is None else self.rows_g(public.grad),
+        )
+        sq = torch.zeros(n, dtype=torch.float64, device=pair.full.grad.device)
+        sq_slack = torch.zeros_like(sq)
+        slack = torch.zeros_like(sq)
         if "weight" in names:
-            sq += ghost_sq_norms(af, gf, ap, gp).view(n, self.groups).sum(1)
+            sq += ghost_sq_norms(terms).view(n, self.groups).sum(1)
+            extra_sq, extra = ghost_slack(terms, d=self.d, p=self.p)
+            sq_slack += extra_sq.view(n, self.groups).sum(1)
+            slack += extra.view(n, self.groups).sum(1)
         bias = self.bias_of(pair.full.grad)
-        if pair.public is not None:
-            bias = bias + self.bias_of(pair.public.grad)
+        if public is not None:
+            bias = bias + self.bias_of(public.grad)
         if "bias" in names:
             sq += torch.linalg.vector_norm(bias, dim=1).double().square_()
 
         def weighted(factors: Tensor) -> dict[str, Tensor]:
             out = {}
             if "weight" in names:
-                weight = self.weighted_sum(af, gf, factors)
-                if ap is not None and gp is not None:
-                    weight = weight + self.weighted_sum(ap, gp, factors)
-                out["weight"] = weight
+                out["weight"] = sum(sign * self.weighted_sum(a, g, factors) for a, g, sign in terms)
             if "bias" in names:
                 out["bias"] = factors.to(bias.dtype) @ zero_dropped(bias, factors)
             return out
 
-        return LayerResult(sq, {}, weighted)
+        return LayerResult(sq, {}, weighted, sq_slack, slack)
 
 
 def linear_form_rule(form_of: Callable[[nn.Module], LinearForm], **kwargs: Any) -> LayerRule:
@@ -508,12 +558,14 @@ def _embedding_ghost(module: nn.Module, pair: Pair, names: frozenset[str]) -> La
     g64 = g.double()
     same = (ids[:, :, None] == ids[:, None, :]).to(torch.float64)
     sq = (torch.bmm(g64, g64.transpose(1, 2)) * same).sum((1, 2)).clamp_min(0)
+    # One-hot inputs: a_r has norm 1, so the rows of the slack are the g_r alone.
+    sq_slack, slack = ghost_slack([(torch.ones_like(g64[..., :1]), g64, 1.0)], d=1, p=dim)
 
     def weighted(factors: Tensor) -> dict[str, Tensor]:
-        safe = zero_dropped(g, factors)
-        return {"weight": scatter(ids, safe * factors.to(g.dtype)[:, None, None])}
+        safe = zero_dropped(g64, factors)
+        return {"weight": scatter(ids, safe * factors.to(g64.dtype)[:, None, None])}
 
-    return LayerResult(sq, {}, weighted)
+    return LayerResult(sq, {}, weighted, sq_slack, slack)
 
 
 def _embedding_prefers_ghost(module: nn.Module, pass_: Pass, passes: int) -> bool:

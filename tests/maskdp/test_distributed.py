@@ -215,6 +215,7 @@ def _worker(
         if full:
             results["gradients"] = _sum_gradients_case(rank, world)
             results["mismatch"] = _mismatch_case(rank)
+            results["user_loader"] = _user_loader_case()
             results["make_private"] = _make_private_case(rank, world)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -230,9 +231,12 @@ def spawn(out: Path, engines: tuple[str, ...], full: bool) -> list[dict]:
 def _mismatch_case(rank: int) -> dict[str, str | None]:
     """Ranks passing different settings are refused on every rank (ledgers would differ)."""
     errors: dict[str, str | None] = {}
+    base = {"expected_batch_size": 3, "expected_public_batch_size": 4}
     for name, sizes in (
-        ("private", {"expected_batch_size": 3 + rank, "expected_public_batch_size": 4}),
-        ("public", {"expected_batch_size": 3, "expected_public_batch_size": 4 + rank}),
+        ("private", {**base, "expected_batch_size": 3 + rank}),
+        ("public", {**base, "expected_public_batch_size": 4 + rank}),
+        # Would pair one rank's public all-reduce with another's private one.
+        ("protect_labels", {**base, "protect_labels": rank == 1}),
     ):
         model = tiny_vit()
         errors[name] = None
@@ -250,6 +254,15 @@ def _mismatch_case(rank: int) -> dict[str, str | None]:
         except InvalidInputError as err:
             errors[name] = str(err)
     return errors
+
+
+def _user_loader_case() -> list[int]:
+    """A PoissonDataLoader built without rank/world_size inside a process group samples
+    this rank's shard only (else every rank would sample every record)."""
+    from maskdp.data import PoissonDataLoader
+
+    loader = PoissonDataLoader(list(range(40)), sample_rate=1.0, steps=1)
+    return [int(i) for batch in loader for i in batch]
 
 
 def _sum_gradients_case(rank: int, world: int) -> dict:
@@ -358,6 +371,10 @@ def test_settings_that_differ_between_ranks_are_refused(two_ranks) -> None:
         assert errors["private"] is not None and errors["public"] is not None
         assert errors["private"].startswith("expected_batch_size differ between ranks")
         assert errors["public"].startswith("expected_public_batch_size differ between ranks")
+        assert errors["protect_labels"] is not None
+        assert errors["protect_labels"].startswith("protect_labels differ between ranks")
+    for rank, result in enumerate(two_ranks):  # a loader built by hand inside the group
+        assert result["user_loader"] and all(i % WORLD == rank for i in result["user_loader"])
 
 
 def test_poisson_shards_partition_the_dataset() -> None:

@@ -343,3 +343,184 @@ def test_the_same_batch_public_term_of_maskdp_0_1_breaks_the_audit() -> None:
     """The same audit catches the old mechanism (public term summed over the private batch)."""
     result = audit_module.subsampled_audit(60000, 1.5, same_batch=True)
     assert result.epsilon_lower_bound > result.epsilon_theory
+
+
+# ------------------------------------------------- findings of the second review (issue 9)
+
+
+class TwoTokenLinear(nn.Module):
+    """A wide linear map on two tokens: the ghost branch's Gram products see rows of large
+    norm whose contributions cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 256, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.flatten(2).reshape(x.shape[0], 2, 256)).sum(1)[:, :2]
+
+
+def test_ghost_branch_contribution_stays_within_c_when_large_rows_cancel() -> None:
+    """Review 2, finding 1: a float32 Gram norm of 0 released 24 C; the ghost branch now
+    computes in float64 on the rewritten rows with a certified rounding bound."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        model = TwoTokenLinear()
+        v = torch.randn(256, generator=gen) * 2000.0
+        s = torch.randn(256, generator=gen)
+        x = torch.stack([v, -v + 5.0 * s / s.norm()]).reshape(1, 1, 2, 16, 16)
+        m = torch.ones(1, 2, 16, 16, dtype=torch.bool)
+        y = torch.zeros(1, dtype=torch.long)
+        results = {
+            engine: masked_gradient(
+                model,
+                lambda out, _: out.sum(1),
+                x,
+                m,
+                y,
+                max_grad_norm=1.0,
+                public=(x.clone(), m, y),
+                view=FillView(0.5),
+                engine=engine,
+            )
+            for engine in ("ghost", "reference")
+        }
+        assert float(results["ghost"].private["fc.weight"].double().norm()) <= 1.0 + 1e-5
+        assert results["ghost"].norms[0] >= results["reference"].norms[0] * (1 - 1e-6)
+
+
+class RunningMeanFromThree(nn.Module):
+    """Updates a running mean only for batches of three records or more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] >= 5:  # the probe runs on at most four records
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean())
+        return self.fc(x.flatten(1))
+
+
+class EmaCodebook(nn.Module):
+    """A parameter updated in place in the forward (an EMA codebook)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code = nn.Parameter(torch.zeros(32), requires_grad=False)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.code.mul_(0.5).add_(0.5 * x.flatten(1).mean(0))
+        return self.fc(x.flatten(1))
+
+
+class OwnGeneratorDropout(nn.Module):
+    """Dropout drawing from a generator of its own: invisible to torch's generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 3)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = torch.rand(x.flatten(1).shape, generator=self.generator) > 0.5
+        return self.fc(x.flatten(1) * keep)
+
+
+@pytest.mark.parametrize(
+    ("build", "first_batch", "match"),
+    [
+        (RunningMeanFromThree, 1, "changed mean during a forward pass"),
+        (EmaCodebook, 1, "code"),
+        (OwnGeneratorDropout, 2, "OwnGeneratorDropout.*generator of its own"),
+    ],
+)
+def test_state_and_randomness_the_first_probe_could_miss_are_refused(
+    build, first_batch: int, match: str
+) -> None:
+    """Review 2, findings 2 and 3: state changed only for larger batches, a parameter
+    updated in the forward, randomness from a module's own generator."""
+    torch.manual_seed(0)
+    model = build().train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = MaskDPOptimizer(
+        torch.optim.SGD(trainable, lr=1.0),
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        sample_rate=0.5,
+        engine="hooks",
+    )
+    x, m, y = batch(6)
+    public = tuple(t.clone() for t in batch(2, seed=1))
+    with pytest.raises(UnsafeModelError, match=match):
+        optimizer.backward(x[:first_batch], m[:first_batch], y[:first_batch], public=public)
+        optimizer.step()
+        optimizer.backward(x, m, y, public=public)
+
+
+class TrainModeRunningMean(RunningMean):
+    """A running mean that moves in train mode only."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.mean.add_(x.mean())
+        return self.fc(x.flatten(1))
+
+
+def test_a_module_switched_to_train_after_the_probe_is_probed_again() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(TrainModeRunningMean())
+    model[0].eval()  # the probe sees a running mean that does not move...
+    optimizer = sgd_optimizer(model)
+    x, m, y = batch()
+    public = tuple(t.clone() for t in batch(2, seed=1))
+    optimizer.backward(x, m, y, public=public)
+    optimizer.step()
+    model[0].train()  # ...then one submodule changes mode: probed again and refused
+    with pytest.raises(UnsafeModelError, match="mean"):
+        optimizer.backward(x, m, y, public=public)
+
+
+@pytest.mark.parametrize("random_view", [True, False])
+def test_the_public_term_does_not_depend_on_the_private_batch_size(random_view: bool) -> None:
+    """Review 2, finding 4: the private side draws from a stream of its own, so the public
+    batch's fills and dropout draws do not shift with the size of the private batch."""
+    from maskdp.views import RandomFillView
+
+    sums = []
+    for size in (0, 1, 3):
+        model = random_net()
+        view = RandomFillView(-1.0, 1.0, seed=3) if random_view else FillView(0.0)
+        optimizer = sgd_optimizer(model, view=view)
+        x, m, y = batch(4)
+        torch.manual_seed(7)  # the public side's draws (dropout) start at the same state
+        optimizer.backward(x[:size], m[:size], y[:size], public=batch(3, seed=9))
+        sums.append({k: v.clone() for k, v in optimizer._public_sum.items()})
+    for other in sums[1:]:
+        for name, value in sums[0].items():
+            assert torch.equal(value, other[name]), name
+
+
+def test_a_pickled_optimizer_holds_nothing_unnoised() -> None:
+    """Review 2, finding 6."""
+    import io
+    import pickle
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    optimizer = sgd_optimizer(model, engine="hooks")
+    x, m, y = batch()
+    optimizer.backward(x, m, y, public=(x.clone(), m, y))  # between backward and step
+    buffer = io.BytesIO()
+    pickle.dump(optimizer, buffer)
+    restored = pickle.loads(buffer.getvalue())
+    for name in ("last_norms", "last_clip_factors", "_private_sum", "_noisy_private"):
+        assert getattr(restored, name) is None, name
+    assert optimizer.last_norms is not None  # the live optimizer keeps them

@@ -12,7 +12,8 @@ from torch import nn
 from maskdp.errors import InvalidInputError
 from maskdp.models import SmallVideoCNN, prepare
 from maskdp.models.preparation import group_count
-from maskdp.validate import probe_model, validate_model
+from maskdp.probe import probe_model
+from maskdp.validate import validate_model
 from maskdp.views import ModelInput
 
 
@@ -42,8 +43,8 @@ def test_r3d18_is_made_safe_and_the_original_is_untouched():
     assert any("ReLU(inplace=True) -> ReLU()" in c for c in changes)
     x = torch.rand(2, 3, 2, 16, 16)
     assert model(x).shape == (2, 3)
-    assert probe_model(model.train(), ModelInput(x)).changed_buffers == ()
-    changed = probe_model(original.train(), ModelInput(x)).changed_buffers
+    assert probe_model(model.train(), ModelInput(x)).changed_state == ()
+    changed = probe_model(original.train(), ModelInput(x)).changed_state
     assert "stem.1.running_mean" in changed and "layer1.0.conv1.1.num_batches_tracked" in changed
 
 
@@ -86,8 +87,8 @@ def test_root_batchnorm_and_instance_norm_with_running_stats():
     assert not prepared[1].track_running_stats and "running_mean" not in prepared.state_dict()
     assert len(changes) == 1
     x = ModelInput(torch.rand(2, 3, 2, 4, 4))
-    assert probe_model(prepared.train(), x).changed_buffers == ()
-    assert "1.running_mean" in probe_model(inorm.train(), x).changed_buffers
+    assert probe_model(prepared.train(), x).changed_state == ()
+    assert "1.running_mean" in probe_model(inorm.train(), x).changed_state
 
 
 @pytest.mark.parametrize(

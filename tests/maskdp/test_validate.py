@@ -16,7 +16,8 @@ from torch import nn
 from maskdp.errors import InvalidInputError, UnsafeModelError, UnsupportedModelError
 from maskdp.functional import masked_gradient
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.validate import ModelGuard, probe_model, validate_model
+from maskdp.probe import ModelGuard, probe_model
+from maskdp.validate import validate_model
 from maskdp.views import DropView, FillView, ModelInput
 
 
@@ -210,13 +211,13 @@ class WithDropout(nn.Module):
         return self.head(self.block(self.conv(x)).flatten(1))
 
 
-def test_probe_finds_changed_buffers_and_restores_them():
+def test_probe_finds_changed_state_and_restores_them():
     torch.manual_seed(0)
     model = WithRunningMean().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     behaviour = probe_model(model, ModelInput(batch()[0]))
     assert behaviour.training and behaviour.random_modules == ()
-    assert behaviour.changed_buffers == ("stats.0.mean",)
+    assert behaviour.changed_state == ("stats.0.mean",)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # left as it was found
 
@@ -239,7 +240,7 @@ def test_probe_finds_the_module_that_draws():
     model = WithDropout().train()
     behaviour = probe_model(model, ModelInput(batch()[0]))
     assert behaviour.random_modules == ("block.1 (Dropout)",)
-    assert behaviour.changed_buffers == ()
+    assert behaviour.changed_state == ()
     assert probe_model(model.eval(), ModelInput(batch()[0])).random_modules == ()
 
 
