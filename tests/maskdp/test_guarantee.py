@@ -69,8 +69,9 @@ def sgd_optimizer(model: nn.Module, **settings) -> MaskDPOptimizer:
         "expected_batch_size": 4,
         "sample_rate": 0.5,
     }
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), model=model, **{**defaults, **settings}
+        torch.optim.SGD(trainable, lr=1.0), model=model, **{**defaults, **settings}
     )
 
 
@@ -447,17 +448,7 @@ def test_state_and_randomness_the_first_probe_could_miss_are_refused(
     updated in the forward, randomness from a module's own generator."""
     torch.manual_seed(0)
     model = build().train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = MaskDPOptimizer(
-        torch.optim.SGD(trainable, lr=1.0),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=4,
-        sample_rate=0.5,
-        engine="hooks",
-    )
+    optimizer = sgd_optimizer(model, engine="hooks")
     x, m, y = batch(6)
     public = tuple(t.clone() for t in batch(2, seed=1))
     with pytest.raises(UnsafeModelError, match=match):
