@@ -117,11 +117,12 @@ class MaskDPOptimizer(Optimizer):
             :class:`~maskdp.randomness.InsecureSeededRandomness` (replayable: no privacy).
         autocast: ``torch.bfloat16`` or ``torch.float16`` runs each engine call under
             ``torch.autocast`` (low-precision forward passes); clipped sums, noise and the
-            division stay in the parameters' dtype (:mod:`maskdp.precision`).
-        private_weight: :math:`w \ge 0`: the step uses :math:`\sum_i h_i + w Z` with
-            :math:`Z = \sum_i c_i \Delta_i + N(0, \sigma^2 C^2 I)` the noisy private sum
+            divisions stay in float32 or wider (:mod:`maskdp.precision`).
+        private_weight: :math:`w \ge 0`: the step uses
+            :math:`\frac{1}{B_{pub}}\sum_U h_j + \frac{w}{B} Z` with
+            :math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)` the noisy private sum
             (noise added *before* weighting; :math:`w < 1` trades the private term's bias
-            for less noise). Post-processing of the released :math:`(\sum_i h_i, Z)`, so
+            for less noise). Post-processing of the released :math:`(\sum_U h_j, Z)`, so
             free in privacy (:mod:`maskdp.postprocess`). Default 1: plain MaskDP-SGD.
         shrinkage: ``None`` or ``"james-stein"``: per parameter tensor, replace :math:`Z`
             by its positive-part James-Stein shrinkage toward zero, computed from :math:`Z`,
