@@ -36,17 +36,11 @@ def data(n: int = N, seed: int = 11):
     return x, m, y
 
 
-def step(
-    engine: str,
-    micro: int | None,
-    present: torch.Tensor | None = None,
-    n: int = N,
-    n_pub: int = N_PUB,
-    protect_labels: bool = False,
-):
+def vit_optimizer(engine: str, protect_labels: bool = False) -> MaskDPOptimizer:
+    """A seeded MaskDP-SGD optimizer on a tiny VideoViT (the same start every call)."""
     torch.manual_seed(0)
     model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-    optimizer = MaskDPOptimizer(
+    return MaskDPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.3),
         model=model,
         loss_fn=nn.CrossEntropyLoss(),
@@ -59,6 +53,18 @@ def step(
         protect_labels=protect_labels,
         randomness=InsecureSeededRandomness(5),
     )
+
+
+def step(
+    engine: str,
+    micro: int | None,
+    present: torch.Tensor | None = None,
+    n: int = N,
+    n_pub: int = N_PUB,
+    protect_labels: bool = False,
+):
+    optimizer = vit_optimizer(engine, protect_labels)
+    model = optimizer.model
     x, m, y = data(n)
     public = None if protect_labels else data(n_pub, seed=12)
     if micro is None:
@@ -135,18 +141,7 @@ def test_micro_batches_without_public_batch_under_protect_labels() -> None:
 
 
 def test_micro_batches_need_the_public_batch() -> None:
-    torch.manual_seed(0)
-    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-    optimizer = MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.3),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=0.9,
-        max_grad_norm=0.1,
-        expected_batch_size=4,
-        sample_rate=0.2,
-        engine="reference",
-    )
+    optimizer = vit_optimizer("reference")
     with pytest.raises(InvalidInputError, match="public="):
         backward_in_micro_batches(optimizer, *data(), max_physical_batch_size=3)
 
