@@ -16,12 +16,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_noise_multiplier(value: float) -> float:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise InvalidInputError(

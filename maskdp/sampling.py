@@ -101,16 +101,12 @@ class PoissonSampler:
         self.num_records, self.steps = num_records, steps
         self.rank, self.world_size = rank, world_size
         self.randomness = check_randomness(randomness)
+        self._shard_size = len(range(rank, num_records, world_size))
 
     def sample(self) -> Tensor:
-        """One step's indices (this rank's shard)."""
-        return poisson_sample(
-            self.num_records,
-            self.sample_rate,
-            randomness=self.randomness,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        """One step's indices (this rank's shard), as :func:`poisson_sample` draws them."""
+        positions = bernoulli_positions(self._shard_size, self.sample_rate, self.randomness)
+        return self.rank + self.world_size * positions
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
