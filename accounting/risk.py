@@ -141,7 +141,8 @@ def _rdp_profile(events: Sequence[PoissonGaussianEvent]) -> tuple[np.ndarray, np
         eps_at = np.array(
             [_minimise(DEFAULT_ORDERS, rdp, d, "hypothesis-test").epsilon for d in deltas]
         )
-    grid = np.linspace(0.0, float(eps_at.max()), 120)
+    finite = eps_at[np.isfinite(eps_at)]  # an unbounded epsilon (tiny sigma) is no pair at all
+    grid = np.linspace(0.0, float(finite.max()) if finite.size else 0.0, 120)
     dels_at = np.array([rdp_to_delta(DEFAULT_ORDERS, rdp, e) for e in grid])
     return np.concatenate([eps_at, grid]), np.concatenate([deltas, dels_at])
 

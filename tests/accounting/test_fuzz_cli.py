@@ -32,11 +32,12 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from maskdp.accounting.cli import run
 
@@ -288,7 +289,13 @@ def test_fuzz_cli_exits_0_or_2_with_one_line(args: list[str]) -> None:
     check(args)
 
 
+# CI gates on a fixed seed so a clean clone passes or fails the same way each time; explore new
+# inputs with ``MASKDP_FUZZ_SEED=<n> pytest -m slow tests/accounting/test_fuzz_cli.py``.
+FUZZ_SEED = int(os.environ.get("MASKDP_FUZZ_SEED", "20261201"))
+
+
 @pytest.mark.slow
+@seed(FUZZ_SEED)
 @settings(max_examples=2000, **{**_SETTINGS, "derandomize": False})
 @given(argv().filter(lambda a: _cheap(a, 1e4)))
 def test_fuzz_cli_many(args: list[str]) -> None:
@@ -307,6 +314,8 @@ def test_fuzz_cli_many(args: list[str]) -> None:
          "--target-epsilon", "1e300"],
         ["risk", "--sample-rate", "1", "--steps", "1", "--noise-multiplier", "1e-3", "--fpr",
          "1e-300"],
+        ["risk", "--dataset-size", "1", "--batch-size", "1", "--epochs", "1",
+         "--noise-multiplier", "1E-155", "--fpr=0.1"],
         ["epsilon", "--sample-rate", "0.5", "--sample-rate", "0.1", "--steps", "3",
          "--noise-multiplier", "2", "--json"],
         ["epsilon", "--dataset-size", "10", "--batch-size", "11", "--epochs", "1",

@@ -91,6 +91,21 @@ def test_fields_epsilon_and_monotonicity():
     assert more.tpr_upper >= res.tpr_upper and more.advantage_upper >= res.advantage_upper
 
 
+@pytest.mark.parametrize("sigma", [1e-155, 1e-300])
+def test_unbounded_epsilon_gives_the_trivial_bound_without_nan(sigma):
+    # Regression (CI fuzz): at sigma=1e-155 every RDP epsilon is inf, the epsilon grid was
+    # linspace(0, inf) and the risk command failed on nan. The exact Gaussian curve at
+    # mu = 1/sigma says any test reaches TPR 1 at every FPR > 0.
+    import warnings
+
+    events = [PoissonGaussianEvent(1.0, sigma, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = attack_risk(events, fpr=0.1)
+    assert exact_gaussian_tpr(sigma, 0.1) == pytest.approx(1.0)
+    assert res.tpr_upper == 1.0 and res.advantage_upper == 1.0
+
+
 def test_no_events_means_no_advantage():
     res = attack_risk([], fpr=0.05, delta=1e-5)
     assert res.tpr_upper == pytest.approx(0.05) and res.advantage_upper == pytest.approx(0.0)
