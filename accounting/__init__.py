@@ -1,13 +1,12 @@
 """Privacy accounting for MaskDP: numpy/scipy only, never torch.
 
-Names are loaded lazily (PEP 562) so that ``import accounting`` costs almost nothing and
+Names are loaded lazily (PEP 562) so that ``import maskdp.accounting`` costs almost nothing and
 the ``maskdp epsilon`` command starts fast.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from maskdp._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "AccountingError": "maskdp.accounting.errors",
@@ -38,17 +37,4 @@ _EXPORTS: dict[str, str] = {
     "compute_risk": "maskdp.accounting.api",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'accounting' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports("maskdp.accounting", _EXPORTS, globals())

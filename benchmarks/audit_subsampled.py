@@ -1,7 +1,7 @@
 """Subsampled one-step audit: the library's mechanism against the old same-batch one.
 
 The canary record's public gradient is made large (``public_scale``) and the audit's gated
-score reads the update only where that record "looks sampled" (maskdp.audit). A mechanism
+score reads the update only where that record "looks sampled" (maskdp.analysis.audit). A mechanism
 whose public term is summed over the private batch reveals whether the record was sampled,
 so subsampling amplification fails and the empirical lower bound passes the accountant's
 epsilon; with the independent public batch it must stay below.
@@ -24,7 +24,7 @@ sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402
 
-import maskdp.audit as audit_module  # noqa: E402
+import maskdp.analysis.audit as audit_module  # noqa: E402
 
 HEADING = "## Subsampled audit (one step, q = 0.1)"
 
@@ -58,14 +58,14 @@ def main() -> None:
             f"`python benchmarks/audit_subsampled.py --trials {args.trials} --write` "
             f"({args.trials} runs per world, half for the threshold, 95% confidence, "
             "epsilon_theory from the PRV accountant's upper bound, delta = 1e-5; "
-            "`maskdp.audit.subsampled_target()`, `public_scale=3`, gated score).",
+            "`maskdp.analysis.audit.subsampled_target()`, `public_scale=3`, gated score).",
             "",
             "| mechanism | sigma | empirical lower bound | accountant epsilon | guarantee | time |",
             "|---|---|---|---|---|---|",
             *rows,
             "",
             "The old mechanism is run by swapping the audit's batch draw "
-            "(`maskdp.audit.step_batches`) for one that reuses the private batch as the public "
+            "(`maskdp.analysis.audit.step_batches`) for one that reuses the private batch as the public "
             "one: the release then holds the canary record's unclipped public gradient exactly "
             "when it was sampled. The default test tier runs the library's mechanism with "
             "3,000 runs per world (`tests/maskdp/test_guarantee.py`); the slow tier reruns the "

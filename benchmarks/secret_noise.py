@@ -21,7 +21,7 @@ sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402
 
-from maskdp.randomness import SecretRandomness  # noqa: E402
+from maskdp.mechanism.randomness import SecretRandomness  # noqa: E402
 
 HEADING = "## Secret noise"
 
@@ -52,7 +52,7 @@ def main() -> None:
             "",
             f"`python benchmarks/secret_noise.py --write`: median of {args.reps} alternating "
             "draws, 1 thread, CPU shared with other jobs. The noise of one step has one "
-            "coordinate per trained parameter; `maskdp.randomness.SecretRandomness` reads 8 "
+            "coordinate per trained parameter; `maskdp.mechanism.randomness.SecretRandomness` reads 8 "
             "bytes of OS entropy per coordinate and applies Box-Muller in float64.",
             "",
             "| coordinates | secret (OS entropy) ms | torch.randn (seeded) ms | ratio |",

@@ -87,7 +87,7 @@ class Problem:
 
 def build_problem(args: argparse.Namespace, model_name: str) -> Problem:
     from maskdp.models import SmallVideoCNN, VideoViT
-    from maskdp.views import DropView, FillView
+    from maskdp.mechanism.views import DropView, FillView
 
     torch.manual_seed(0)
     if model_name == "vit":
@@ -186,7 +186,7 @@ def _opacus(problem: Problem, mode: str) -> Step:
 
 
 def _maskdp(problem: Problem, engine: str, *, public_batch: bool = True) -> Step:
-    from maskdp.optimizer import MaskDPOptimizer
+    from maskdp.training.optimizer import MaskDPOptimizer
 
     model = copy.deepcopy(problem.model)
     n = len(problem.inputs)

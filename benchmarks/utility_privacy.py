@@ -1,8 +1,8 @@
 """Utility-privacy benchmark: MaskDP against DP-SGD and non-private training, same epsilon.
 
 One run on the synthetic dataset (:class:`maskdp.data.SyntheticPrivateActions`), every
-configuration trained through :func:`maskdp.train.train` (what ``maskdp train`` runs) with
-the default recipe of :class:`maskdp.train_config.TrainConfig` unless a row says otherwise:
+configuration trained through :func:`maskdp.trainer.run.train` (what ``maskdp train`` runs) with
+the default recipe of :class:`maskdp.trainer.config.TrainConfig` unless a row says otherwise:
 
 - ``non-private``: full clips, no noise, as many epochs as the recipe's warm-up plus private
   epochs (the reference of "kept accuracy");
@@ -16,7 +16,7 @@ background is sensitive and carries the identity; ``person``: the actor is). The
 ablation at epsilon 1 of each utility lever (view, private weight and shrinkage, public
 warm-up, clipping norm, batch size).
 
-Every trained model is attacked twice (:mod:`maskdp.leakage`): a linear identity probe on
+Every trained model is attacked twice (:mod:`maskdp.analysis.leakage`): a linear identity probe on
 its penultimate features of held-out clips (half to fit, half to score), next to the same
 probe on the untrained model; and loss-based identity inference on training records, next
 to its DP bound ``e^eps / K + delta``. Accuracies come with Clopper-Pearson 95% intervals.
@@ -85,7 +85,7 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 
 def main_specs(epsilons: tuple[float, ...]) -> list[Spec]:
-    from maskdp.train_config import TrainConfig
+    from maskdp.trainer.config import TrainConfig
 
     recipe = TrainConfig()
     specs = []
@@ -131,7 +131,7 @@ def memorising_specs() -> list[Spec]:
 
 def ablation_specs(scenarios: tuple[str, ...]) -> list[Spec]:
     """One lever changed at a time from the default recipe, at epsilon 1."""
-    from maskdp.train_config import TrainConfig
+    from maskdp.trainer.config import TrainConfig
 
     recipe = TrainConfig()
     levers: list[tuple[str, dict[str, Any]]] = [("default recipe", {})]
@@ -190,7 +190,7 @@ def _probe_set(config: Any, quick: bool) -> Any:
 
 def attack(model: Any, config: Any, train_set: Any, test_set: Any, quick: bool) -> dict[str, Any]:
     """The two identity attacks of the module docstring."""
-    from maskdp.leakage import identity_inference, identity_probe
+    from maskdp.analysis.leakage import identity_inference, identity_probe
 
     records = 64 if quick else 128
     train_records = range(min(records, len(train_set)))
@@ -203,13 +203,13 @@ def attack(model: Any, config: Any, train_set: Any, test_set: Any, quick: bool) 
 
 
 def run_spec(spec: Spec, quick: bool, root: str) -> dict[str, Any]:
-    """Train one configuration with maskdp.train.train and attack the trained model."""
+    """Train one configuration with maskdp.trainer.run.train and attack the trained model."""
     import torch
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    from maskdp.train import Run, train
-    from maskdp.train_config import build_config
+    from maskdp.trainer.run import Run, train
+    from maskdp.trainer.config import build_config
 
     config = build_config(**{**sizes(quick), **spec.overrides})
     run_dir = Path(tempfile.mkdtemp(dir=root))
@@ -235,9 +235,9 @@ def untrained_probe(scenario: str, quick: bool) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from maskdp.leakage import identity_probe
-    from maskdp.train import build_datasets, build_model
-    from maskdp.train_config import build_config
+    from maskdp.analysis.leakage import identity_probe
+    from maskdp.trainer.run import build_datasets, build_model
+    from maskdp.trainer.config import build_config
 
     config = build_config(**{**sizes(quick), "scenario": scenario, "mode": "nonprivate"})
     torch.manual_seed(config.seed)
@@ -261,7 +261,7 @@ def _eps(result: dict[str, Any]) -> float | None:
 
 
 def main_table(results: list[dict[str, Any]], init: dict[str, dict[str, Any]]) -> str:
-    from maskdp.leakage import attribute_inference_bound
+    from maskdp.analysis.leakage import attribute_inference_bound
 
     lines = []
     for scenario in SCENARIOS:
@@ -355,7 +355,7 @@ def ablation_table(results: list[dict[str, Any]]) -> str:
 
 
 def memo_table(results: list[dict[str, Any]]) -> str:
-    from maskdp.leakage import attribute_inference_bound
+    from maskdp.analysis.leakage import attribute_inference_bound
 
     rows = [r for r in results if r["table"] == "memo"]
     if not rows:
@@ -416,7 +416,7 @@ def time_default_command(threads: tuple[int, ...] = (1, 2)) -> str:
     import subprocess
 
     exe = shutil.which("maskdp")
-    base = [exe] if exe else [sys.executable, "-m", "maskdp.cli"]
+    base = [exe] if exe else [sys.executable, "-m", "maskdp.cli.app"]
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     lines = [
         "| command | wall s (process) | train s | action acc. | epsilon |",
@@ -456,7 +456,7 @@ def environment(jobs: int) -> str:
 
 
 def recipe_text() -> str:
-    from maskdp.train_config import TrainConfig
+    from maskdp.trainer.config import TrainConfig
 
     keys = (
         "model",
@@ -562,7 +562,7 @@ def main() -> None:
 
 
 def _dedup_key(spec: Spec) -> tuple:
-    from maskdp.train_config import build_config
+    from maskdp.trainer.config import build_config
 
     config = build_config(**spec.overrides)
     return (config.model_dump_json(),)

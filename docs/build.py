@@ -48,14 +48,14 @@ if str(ROOT) not in sys.path:
 
 # ------------------------------------------------------------------------------ cli.md
 
-_RUN_CLI = "import sys; from maskdp.cli import main; sys.argv[0] = 'maskdp'; main()"
+_RUN_CLI = "import sys; from maskdp.cli.app import main; sys.argv[0] = 'maskdp'; main()"
 
 
 def command_names() -> list[str]:
     """The ``maskdp`` subcommands, in the order ``maskdp --help`` lists them."""
     import typer
 
-    from maskdp.cli import app
+    from maskdp.cli.app import app
 
     group = typer.main.get_command(app)
     return list(group.commands)
@@ -108,7 +108,7 @@ def render_cli() -> str:
 def _summary(name: str) -> str:
     import typer
 
-    from maskdp.cli import app
+    from maskdp.cli.app import app
 
     command = typer.main.get_command(app).commands[name]
     text = (command.help or "").strip().split("\n\n")[0]

@@ -6,7 +6,7 @@ the smallest input of a short list that the model accepts, the script
 1. runs :func:`maskdp.models.prepare` (BatchNorm -> GroupNorm, in-place activations off)
    and puts the model in eval mode (dropout and stochastic depth would make every call,
    and so every engine, compute a different random function);
-2. calls :func:`maskdp.functional.masked_gradient` on a batch of two clips with a central
+2. calls :func:`maskdp.mechanism.gradient.masked_gradient` on a batch of two clips with a central
    sensitive box (the same clips serve as the public batch), once per engine: the engine either computes the gradient (``ok``, timed,
    and compared with the ``reference`` engine's per-sample loop) or refuses the model with
    :class:`~maskdp.errors.UnsupportedModelError` (its one-line reason is recorded);
@@ -161,7 +161,7 @@ def _relative_error(result, reference) -> float:
 def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
     from maskdp.engines.base import ENGINES, engine_names, resolve_engine
     from maskdp.errors import UnsupportedModelError
-    from maskdp.functional import masked_gradient
+    from maskdp.mechanism.gradient import masked_gradient
     from maskdp.models import prepare
 
     build, candidates = MODELS[name]
@@ -227,7 +227,7 @@ def _float64_recheck(model, loss, x, mask, y, engine: str, error: float) -> str:
     float64 (on a copy of the model)."""
     import copy
 
-    from maskdp.functional import masked_gradient
+    from maskdp.mechanism.gradient import masked_gradient
 
     double = copy.deepcopy(model).double()
     results = [

@@ -6,8 +6,7 @@ Names are loaded lazily (PEP 562): ``import maskdp`` does not import torch, so t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from maskdp._lazy import lazy_exports
 
 __version__ = "0.2.0"
 
@@ -20,45 +19,44 @@ _EXPORTS: dict[str, str] = {
     "ViewContractError": "maskdp.errors",
     "PrivacyBudgetExceeded": "maskdp.errors",
     # views
-    "ModelInput": "maskdp.views",
-    "PublicView": "maskdp.views",
-    "FillView": "maskdp.views",
-    "RandomFillView": "maskdp.views",
-    "DropView": "maskdp.views",
-    "CallableView": "maskdp.views",
-    "as_view": "maskdp.views",
+    "ModelInput": "maskdp.mechanism.views",
+    "PublicView": "maskdp.mechanism.views",
+    "FillView": "maskdp.mechanism.views",
+    "RandomFillView": "maskdp.mechanism.views",
+    "DropView": "maskdp.mechanism.views",
+    "CallableView": "maskdp.mechanism.views",
+    "as_view": "maskdp.mechanism.views",
     # masks and adjacency
-    "pixel_to_token_mask": "maskdp.masks",
-    "boxes_to_mask": "maskdp.masks",
+    "pixel_to_token_mask": "maskdp.mechanism.masks",
+    "boxes_to_mask": "maskdp.mechanism.masks",
     # mechanism
-    "MaskedGradient": "maskdp.functional",
-    "InpaintView": "maskdp.views",
-    "masked_gradient": "maskdp.functional",
-    "MaskDPOptimizer": "maskdp.optimizer",
-    "make_private": "maskdp.privacy",
-    "make_private_with_epsilon": "maskdp.privacy",
-    "validate_model": "maskdp.validate",
+    "MaskedGradient": "maskdp.mechanism.gradient",
+    "InpaintView": "maskdp.mechanism.views",
+    "masked_gradient": "maskdp.mechanism.gradient",
+    "MaskDPOptimizer": "maskdp.training.optimizer",
+    "make_private": "maskdp.training.private",
+    "make_private_with_epsilon": "maskdp.training.private",
+    "validate_model": "maskdp.engines.validate",
     # secret randomness and the one sampler
-    "SecretRandomness": "maskdp.randomness",
-    "InsecureSeededRandomness": "maskdp.randomness",
-    "poisson_sample": "maskdp.sampling",
+    "SecretRandomness": "maskdp.mechanism.randomness",
+    "InsecureSeededRandomness": "maskdp.mechanism.randomness",
+    "poisson_sample": "maskdp.mechanism.sampling",
     "MaskDPDataLoader": "maskdp.data.poisson",
-    # empirical audit (the function is `maskdp.audit.audit`: a top-level `audit` name
-    # would be shadowed by the submodule of the same name once it is imported)
-    "AuditResult": "maskdp.audit",
+    # checkpoints
+    "save_checkpoint": "maskdp.training.checkpoint",
+    "load_checkpoint": "maskdp.training.checkpoint",
+    # empirical audit
+    "audit": "maskdp.analysis.audit",
+    "AuditResult": "maskdp.analysis.audit",
+    # subpackages, reachable from ``import maskdp``
+    "accounting": "maskdp.accounting",
+    "mechanism": "maskdp.mechanism",
+    "engines": "maskdp.engines",
+    "training": "maskdp.training",
+    "data": "maskdp.data",
+    "models": "maskdp.models",
+    "analysis": "maskdp.analysis",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'maskdp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, _names = lazy_exports("maskdp", _EXPORTS, globals())
+__all__ = [*_names, "__version__"]

@@ -5,8 +5,7 @@ Names are loaded lazily (PEP 562), like :mod:`maskdp`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from maskdp._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "PoissonDataLoader": "maskdp.data.poisson",
@@ -18,17 +17,4 @@ _EXPORTS: dict[str, str] = {
     "ClipFolder": "maskdp.data.folder",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'maskdp.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports("maskdp.data", _EXPORTS, globals())

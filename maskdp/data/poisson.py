@@ -6,10 +6,10 @@ probability :math:`q`, so batch sizes vary (Binomial(N, q); sometimes zero) and 
 composition is hidden by the sampling randomness. **Shuffled fixed-size batches are not
 Poisson**: their privacy amplification is different (sampling without replacement, and a
 shuffled epoch visits every record exactly once), so reporting Poisson accounting for them
-is wrong. :func:`maskdp.privacy.make_private` therefore always replaces the loader's sampler
+is wrong. :func:`maskdp.training.private.make_private` therefore always replaces the loader's sampler
 with this one, whatever the user's loader did.
 
-The sampler is :class:`maskdp.sampling.PoissonSampler` (exact rate, secret randomness,
+The sampler is :class:`maskdp.mechanism.sampling.PoissonSampler` (exact rate, secret randomness,
 split across processes); the collate wrapper here returns zero-length batches
 for an empty sample, shaped like a real batch: ``(0, C, T, H, W)``, ``(0, T, H, W)``,
 ``(0,)`` for ``(x, m, y)`` records. Unlike Opacus's ``DPDataLoader`` wrapper it keeps no
@@ -29,8 +29,8 @@ from torch.utils.data._utils.collate import default_collate
 
 from maskdp.checks import check_sample_rate
 from maskdp.errors import InvalidInputError
-from maskdp.randomness import Randomness
-from maskdp.sampling import PoissonSampler
+from maskdp.mechanism.randomness import Randomness
+from maskdp.mechanism.sampling import PoissonSampler
 
 _REFUSED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
 
@@ -99,9 +99,9 @@ class PoissonDataLoader(DataLoader):
 
     One pass yields ``steps`` batches (default :math:`\lceil 1/q \rceil`, about one epoch);
     each record is in each batch independently with probability ``q``, drawn from
-    ``randomness`` (default: secret OS entropy, :mod:`maskdp.randomness`). With
+    ``randomness`` (default: secret OS entropy, :mod:`maskdp.mechanism.randomness`). With
     ``world_size > 1`` it yields this ``rank``'s part of each step's global sample
-    (:mod:`maskdp.sampling`); by default both come from ``torch.distributed`` when a process
+    (:mod:`maskdp.mechanism.sampling`); by default both come from ``torch.distributed`` when a process
     group is initialised (each rank its shard, so that no record is sampled W times over),
     and are ``(0, 1)`` otherwise. Other keyword arguments go to
     :class:`~torch.utils.data.DataLoader`, except those that define batches

@@ -12,7 +12,7 @@ For the private batch, with full pass :math:`g_i = \nabla \ell(f(x_i), y_i)` and
 
 The sum of the :math:`h_i` over the private batch is **never** returned: it would reveal
 which records were sampled. The public term of a step comes from an independent public
-batch (:mod:`maskdp.functional`). With ``protect_labels`` there is no public pass:
+batch (:mod:`maskdp.mechanism.gradient`). With ``protect_labels`` there is no public pass:
 :math:`\Delta_i = g_i` (plain DP-SGD).
 
 **Shared randomness.** A model that draws random numbers in its forward (dropout,
@@ -21,7 +21,7 @@ an erased record would have :math:`\Delta_i \ne 0`. Engines snapshot torch's gen
 before the full pass and restore it before the public pass (:class:`RngSnapshot`), and use
 a stacked ``2B`` schedule (whose halves would draw differently) only when the batch says
 the model draws nothing (``MaskedBatch.random = False``, set by the model probe of
-:mod:`maskdp.validate`). Engines are deterministic given the generator and add no noise;
+:mod:`maskdp.engines.validate`). Engines are deterministic given the generator and add no noise;
 they never touch ``param.grad`` nor the user's module names or state_dict keys.
 """
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.views import ModelInput
+from maskdp.mechanism.views import ModelInput
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -211,7 +211,8 @@ def register_engine(cls: type[Engine]) -> type[Engine]:
 
 def _load_builtin_engines() -> None:
     # Importing the modules registers the engines; hooks imports opacus lazily itself.
-    from maskdp.engines import ghost, hooks, reference, vmap  # noqa: F401
+    from maskdp.engines import hooks, reference, vmap  # noqa: F401
+    from maskdp.engines.ghost import engine  # noqa: F401
 
 
 def engine_names() -> list[str]:

@@ -44,7 +44,7 @@ from maskdp.engines.base import (
 )
 from maskdp.engines.persample import clipped_result
 from maskdp.errors import UnsupportedModelError
-from maskdp.views import ModelInput
+from maskdp.mechanism.views import ModelInput
 
 # Relative tolerance of the check sum_j grad_sample[j] == batched gradient.
 _CONSISTENCY_RTOL = 1e-4

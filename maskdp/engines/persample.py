@@ -26,7 +26,7 @@ def clipped_result(deltas: dict[str, Tensor], *, max_grad_norm: float) -> Clippe
 
     Under autocast the rows may be bf16/fp16: the norm is that of the rounded rows, and the
     sum :math:`\sum_i c_i \Delta_i` is taken in float32 or wider with autocast off, so each
-    summed contribution has norm :math:`C` up to float32 rounding (:mod:`maskdp.precision`).
+    summed contribution has norm :math:`C` up to float32 rounding (:mod:`maskdp.training.precision`).
     A record whose norm is not finite contributes exactly zero.
     """
     norms = per_sample_norms(deltas)

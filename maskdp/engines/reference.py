@@ -21,7 +21,7 @@ from maskdp.engines.base import (
     register_engine,
     trainable_parameters,
 )
-from maskdp.views import ModelInput
+from maskdp.mechanism.views import ModelInput
 
 
 @register_engine

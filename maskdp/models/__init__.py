@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from maskdp._lazy import lazy_exports
 
-_EXPORTS = {
+_EXPORTS: dict[str, str] = {
     "VideoViT": "maskdp.models.vit",
     "PositionalEmbedding": "maskdp.models.vit",
     "SmallVideoCNN": "maskdp.models.cnn",
@@ -13,11 +12,4 @@ _EXPORTS = {
     "PrepareReport": "maskdp.models.preparation",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'maskdp.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__, __all__ = lazy_exports("maskdp.models", _EXPORTS, globals())

@@ -1,7 +1,7 @@
 """Make an off-the-shelf model safe and engine-friendly for MaskDP: ``prepare(model)``.
 
 BatchNorm mixes samples through batch statistics and stores data in its running statistics
-without noise, so MaskDP refuses it (:mod:`maskdp.validate`). ``prepare`` returns a deep copy
+without noise, so MaskDP refuses it (:mod:`maskdp.engines.validate`). ``prepare`` returns a deep copy
 of the model in which
 
 - every ``BatchNorm{1,2,3}d`` (any ``_BatchNorm``, SyncBatchNorm included) becomes a

@@ -3,7 +3,7 @@
 Tubelet embedding (a Conv3d whose stride equals its kernel), learned positional embedding,
 pre-norm blocks with ``torch.nn.functional.scaled_dot_product_attention``, mean pooling over
 kept tokens and a linear head. Implements the token-drop protocol of
-:class:`maskdp.views.DropView`: ``model(x, drop_tokens=drop)`` removes the tokens marked in
+:class:`maskdp.mechanism.views.DropView`: ``model(x, drop_tokens=drop)`` removes the tokens marked in
 ``drop`` (N, tokens) right after the embedding, before any layer that mixes tokens.
 """
 

@@ -16,7 +16,7 @@ import pytest
 from maskdp.accounting.api import compute_epsilon, compute_noise, compute_risk, compute_steps
 from maskdp.accounting.cli import run
 
-from maskdp.cli import app
+from maskdp.cli.app import app
 
 EPS_ARGS = ["--sample-rate", "0.01", "--steps", "1000", "--noise-multiplier", "1.1"]
 PRV_ARGS = ["--sample-rate", "0.1", "--steps", "50", "--noise-multiplier", "2"]  # small PRV grid
@@ -234,7 +234,7 @@ def test_rdp_path_imports_neither_torch_nor_scipy() -> None:
     code = (
         "import sys\n"
         "from maskdp.accounting.cli import run\n"
-        "from maskdp.cli import app\n"
+        "from maskdp.cli.app import app\n"
         f"assert run(app, {['epsilon', *EPS_ARGS, '--json']!r}) == 0\n"
         f"assert run(app, {['epsilon', *EPS_ARGS]!r}) == 0\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -1,6 +1,6 @@
 """Fuzzing the accounting commands of the ``maskdp`` CLI, and a stress grid of the accountant.
 
-CLI (in process, ``maskdp.accounting.cli.run(maskdp.cli.app, argv)``, stdout/stderr captured):
+CLI (in process, ``maskdp.accounting.cli.run(maskdp.cli.app.app, argv)``, stdout/stderr captured):
 hypothesis draws argument vectors for ``epsilon``, ``noise``, ``steps`` and ``risk``, mixing
 plausible values with nan, inf, -0, 1e308, huge integers, unicode digits and words, and
 missing, duplicated, unknown and contradictory options. Every run must
@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from maskdp.accounting.cli import run
 
-from maskdp.cli import app
+from maskdp.cli.app import app
 
 COMMANDS = ("epsilon", "noise", "steps", "risk")
 OPTIONS = (

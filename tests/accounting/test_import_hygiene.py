@@ -28,7 +28,8 @@ ledger.epsilon(1e-5, relation="substitute", conversion="classic")
 calibrate_noise(1.0, 1e-5, sample_rate=0.01, steps=100)
 max_steps(1.0, 1e-5, sample_rate=0.01, noise_multiplier=1.0)
 loaded = [m for m in sys.modules if m.split(".")[0] in {heavy}]
-loaded += [m for m in sys.modules if m.startswith("maskdp.") and not m.startswith("maskdp.accounting")]
+loaded += [m for m in sys.modules if m.startswith("maskdp.")
+           and not m.startswith(("maskdp.accounting", "maskdp._lazy"))]  # _lazy: stdlib only
 print(",".join(sorted(loaded)))
 """
 

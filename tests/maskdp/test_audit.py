@@ -22,7 +22,7 @@ import torch
 from scipy import stats
 from scipy.optimize import brentq
 
-from maskdp.audit import (
+from maskdp.analysis.audit import (
     AuditResult,
     Counts,
     audit,
@@ -35,8 +35,8 @@ from maskdp.audit import (
     theory_epsilon,
 )
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.views import DropView
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.views import DropView
 
 DELTA = 1e-5
 # A fixed engine keeps these tests about the audit (all engines agree with the reference

@@ -1,6 +1,6 @@
 """Crash safety of ``maskdp train``: SIGKILL at random moments, then ``--resume``.
 
-Each trial starts ``python -m maskdp.cli train`` in a subprocess and kills it with SIGKILL
+Each trial starts ``python -m maskdp.cli.app train`` in a subprocess and kills it with SIGKILL
 after a random delay (from launch, or from the moment its ``config.json`` appears, so that
 kills land during training and checkpoint writes too). Every time:
 
@@ -36,9 +36,9 @@ import torch
 from maskdp.accounting.cli import run
 from maskdp.accounting.ledger import PrivacyLedger
 
-from maskdp.cli import app
-from maskdp.train import CHECKPOINT, CONFIG, METRICS
-from maskdp.train_config import TrainConfig
+from maskdp.cli.app import app
+from maskdp.trainer.config import TrainConfig
+from maskdp.trainer.run import CHECKPOINT, CONFIG, METRICS
 
 OPTIONS = [
     "--train-size", "32", "--test-size", "16", "--epochs", "2", "--batch-size", "8",
@@ -78,7 +78,7 @@ def summary(run_dir: Path) -> dict:
     state = load_checkpoint(run_dir)
     metrics = strict_json(run_dir / METRICS)
     return {
-        "step": state["step"],
+        "step": state["extra"]["step"],
         "model": state["model"],
         "ledger": state["optimizer"]["ledger"],
         "optimizer_keys": set(state["optimizer"]),
@@ -92,8 +92,8 @@ def assert_consistent(state: dict) -> None:
     """A checkpoint's optimizer counts exactly its steps (all private here) in its ledger."""
     optimizer = state["optimizer"]
     assert set(optimizer) == OPTIMIZER_KEYS, sorted(optimizer)  # nothing to replay noise with
-    assert optimizer["steps"] == state["step"]
-    assert PrivacyLedger.from_dict(optimizer["ledger"]).steps == state["step"]
+    assert optimizer["steps"] == state["extra"]["step"]
+    assert PrivacyLedger.from_dict(optimizer["ledger"]).steps == state["extra"]["step"]
 
 
 def strict_json(path: Path) -> object:
@@ -118,10 +118,10 @@ def inspect(run_dir: Path) -> str:
         assert METRICS not in names
         return "config"
     state = load_checkpoint(run_dir)
-    assert state["format"] == 1 and state["step"] in SAVED_STEPS, state.get("step")
+    assert state["format"] == "maskdp-checkpoint" and state["extra"]["step"] in SAVED_STEPS
     assert_consistent(state)
     if METRICS in names:
-        assert state["step"] == TOTAL_STEPS
+        assert state["extra"]["step"] == TOTAL_STEPS
         assert strict_json(run_dir / METRICS)["steps"] == TOTAL_STEPS
         return "done"
     return f"step-{state['step']}"
@@ -130,7 +130,7 @@ def inspect(run_dir: Path) -> str:
 def launch(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "maskdp.cli", "train", "--run-dir", str(run_dir), *OPTIONS],
+        [sys.executable, "-m", "maskdp.cli.app", "train", "--run-dir", str(run_dir), *OPTIONS],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,

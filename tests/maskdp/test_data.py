@@ -281,7 +281,7 @@ def test_track_masks_hide_the_direction_of_motion() -> None:
 
 
 def test_works_with_a_dataloader_and_masked_gradient() -> None:
-    from maskdp.functional import masked_gradient
+    from maskdp.mechanism.gradient import masked_gradient
     from maskdp.models import VideoViT
 
     data = SyntheticPrivateActions(size=6, scenario="person", mask_kind="box")

@@ -10,7 +10,7 @@
 - ``make_private`` on a DistributedDataParallel model gives each rank its shard of both
   batches (record ``i`` on rank ``i % W``), and its loop keeps the replicas identical.
 - DDP's own reducer is untouched: a plain DDP forward/backward still works afterwards.
-- ``maskdp.train.train`` under a torchrun-like environment (RANK, WORLD_SIZE, MASTER_*):
+- ``maskdp.trainer.run.train`` under a torchrun-like environment (RANK, WORLD_SIZE, MASTER_*):
   2 ranks keep identical replicas and give the step count, ledger and epsilon of a
   single-process run (noise and sampling are secret, so the weights are not comparable
   with it), and only rank 0 writes the run directory. ``torchrun --nproc_per_node 2``
@@ -35,14 +35,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from maskdp.distributed import DistributedContext, env_world, sum_gradients
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
+from maskdp.mechanism.sampling import poisson_sample
+from maskdp.mechanism.views import FillView
 from maskdp.models import VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.privacy import make_private
-from maskdp.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
-from maskdp.sampling import poisson_sample
-from maskdp.views import FillView
+from maskdp.training.distributed import DistributedContext, env_world, sum_gradients
+from maskdp.training.optimizer import MaskDPOptimizer
+from maskdp.training.private import make_private
 
 ENGINES = ("reference", "ghost")  # the oracle and the default; vmap and hooks: slow tier
 WORLD = 2
@@ -206,7 +206,7 @@ def _worker(
     """One spawn for the whole module (starting processes costs more than the tests)."""
     torch.set_num_threads(1)
     if full:
-        _train_runs(rank, world, ports[1:], out)  # maskdp.train joins and leaves its group
+        _train_runs(rank, world, ports[1:], out)  # maskdp.trainer.run joins and leaves its group
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world
     )
@@ -408,8 +408,8 @@ def test_env_world(monkeypatch) -> None:
 
 
 def _train_runs(rank: int, world: int, ports: list[int], out: str) -> None:
-    from maskdp.train import train
-    from maskdp.train_config import build_config
+    from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import train
 
     for (name, options), port in zip(RUNS.items(), ports, strict=True):
         os.environ.update(
@@ -440,7 +440,7 @@ def _checkpoint(run_dir: Path) -> dict:
 def _assert_same_accounting(got: Path, ref: Path) -> None:
     """Same step, ledger and privacy metrics (the weights depend on secret draws)."""
     a, b = _checkpoint(got), _checkpoint(ref)
-    assert a["step"] == b["step"]
+    assert a["extra"]["step"] == b["extra"]["step"]
     assert a["optimizer"]["ledger"] == b["optimizer"]["ledger"]
     assert a["optimizer"]["steps"] == b["optimizer"]["steps"]
     assert a["model"].keys() == b["model"].keys()
@@ -451,8 +451,8 @@ def _assert_same_accounting(got: Path, ref: Path) -> None:
 
 
 def test_train_with_two_gloo_ranks_matches_one_process(spawned: Path, tmp_path: Path) -> None:
-    from maskdp.train import train
-    from maskdp.train_config import build_config
+    from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import train
 
     for name, options in RUNS.items():
         single = train(build_config(**options), tmp_path / f"single-{name}")
@@ -490,8 +490,8 @@ def test_train_with_two_gloo_ranks_matches_one_process(spawned: Path, tmp_path: 
     reason="torchrun not installed",
 )
 def test_torchrun_two_processes_matches_one_process(tmp_path: Path) -> None:
-    from maskdp.train import train
-    from maskdp.train_config import build_config
+    from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import train
 
     train(build_config(**TINY), tmp_path / "single")
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -507,7 +507,7 @@ def test_torchrun_two_processes_matches_one_process(tmp_path: Path) -> None:
             "--master_port",
             str(free_port()),
             "-m",
-            "maskdp.cli",
+            "maskdp.cli.app",
             "train",
             "--run-dir",
             str(tmp_path / "ddp"),

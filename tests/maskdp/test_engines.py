@@ -33,9 +33,9 @@ from maskdp.engines.base import (
 )
 from maskdp.engines.vmap import VmapEngine
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.functional import MaskedGradient, make_batch, masked_gradient, public_gradient
+from maskdp.mechanism.gradient import MaskedGradient, make_batch, masked_gradient, public_gradient
+from maskdp.mechanism.views import DropView, FillView, ModelInput, RandomFillView
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.views import DropView, FillView, ModelInput, RandomFillView
 
 ENGINE_NAMES = [n for n in engine_names() if n not in ("auto", "reference")]
 CLIP = 0.5

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from maskdp.engines.base import ClippedSum, MaskedBatch, resolve_engine
-from maskdp.engines.ghost import GhostEngine, plan_layers
-from maskdp.engines.ghost_layers import (
+from maskdp.engines.ghost.engine import GhostEngine, plan_layers
+from maskdp.engines.ghost.layers import (
     RULES,
     Pair,
     Pass,
@@ -33,10 +33,10 @@ from maskdp.engines.ghost_layers import (
 )
 from maskdp.engines.reference import ReferenceEngine
 from maskdp.errors import UnsupportedModelError
-from maskdp.functional import make_batch, masked_gradient
+from maskdp.mechanism.gradient import make_batch, masked_gradient
+from maskdp.mechanism.views import DropView, FillView, ModelInput
 from maskdp.models import SmallVideoCNN, VideoViT
 from maskdp.models.vit import PositionalEmbedding
-from maskdp.views import DropView, FillView, ModelInput
 
 RTOL = 1e-10
 CLIP = 0.5
@@ -249,7 +249,7 @@ def test_conv_patches_match_unfold():
 
 def test_auto_mode_chooses_by_cost():
     """Few rows, wide layer: ghost; many rows, narrow layer: instantiate."""
-    from maskdp.engines.ghost_layers import uses_ghost
+    from maskdp.engines.ghost.layers import uses_ghost
 
     rule = RULES[nn.Linear]
     wide = Pass((_x(2, 1, 64),), _x(2, 1, 64, seed=1))

@@ -16,14 +16,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-import maskdp.audit as audit_module
+import maskdp.analysis.audit as audit_module
 from maskdp.engines.base import engine_names
 from maskdp.errors import InvalidInputError, UnsafeModelError
-from maskdp.functional import masked_gradient
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureSeededRandomness, SecretRandomness
-from maskdp.sampling import poisson_sample
-from maskdp.views import DropView, FillView
+from maskdp.mechanism.gradient import masked_gradient
+from maskdp.mechanism.randomness import InsecureSeededRandomness, SecretRandomness
+from maskdp.mechanism.sampling import poisson_sample
+from maskdp.mechanism.views import DropView, FillView
+from maskdp.training.optimizer import MaskDPOptimizer
 
 ENGINES = [n for n in engine_names() if n != "auto"]
 CLIP = 1.0
@@ -484,7 +484,7 @@ def test_a_module_switched_to_train_after_the_probe_is_probed_again() -> None:
 def test_the_public_term_does_not_depend_on_the_private_batch_size(random_view: bool) -> None:
     """Review 2, finding 4: the private side draws from a stream of its own, so the public
     batch's fills and dropout draws do not shift with the size of the private batch."""
-    from maskdp.views import RandomFillView
+    from maskdp.mechanism.views import RandomFillView
 
     sums = []
     for size in (0, 1, 3):

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from maskdp.engines.base import ClippedSum, engine_names, resolve_engine, trainable_parameters
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.functional import MaskedGradient, make_batch, masked_gradient, public_gradient
-from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.views import (
+from maskdp.mechanism.gradient import MaskedGradient, make_batch, masked_gradient, public_gradient
+from maskdp.mechanism.views import (
     CallableView,
     DropView,
     FillView,
@@ -30,6 +29,7 @@ from maskdp.views import (
     ModelInput,
     RandomFillView,
 )
+from maskdp.models import SmallVideoCNN, VideoViT
 
 ENGINES = [n for n in engine_names() if n != "auto"]
 CLIP = 0.1

@@ -37,16 +37,16 @@ from maskdp.errors import (
     UnsafeModelError,
     UnsupportedModelError,
 )
-from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import (
+from maskdp.mechanism.randomness import (
     InsecureRandomnessWarning,
     InsecureSeededRandomness,
     SecretRandomness,
 )
-from maskdp.views import FillView
+from maskdp.mechanism.views import FillView
+from maskdp.models import SmallVideoCNN, VideoViT
+from maskdp.training.optimizer import MaskDPOptimizer
 
-SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 ENGINE_NAMES = [n for n in engine_names() if n != "auto"]
 
 

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from maskdp.data import PoissonDataLoader, poisson_loader
 from maskdp.errors import InvalidInputError
-from maskdp.randomness import InsecureSeededRandomness, SecretRandomness
-from maskdp.sampling import PoissonSampler, poisson_sample
+from maskdp.mechanism.randomness import InsecureSeededRandomness, SecretRandomness
+from maskdp.mechanism.sampling import PoissonSampler, poisson_sample
 
-SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 
 
 def seeded(seed: int) -> InsecureSeededRandomness:

@@ -23,11 +23,11 @@ from torch import nn
 
 from maskdp.engines.base import per_sample_loss, resolve_engine
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.functional import make_batch, public_gradient
+from maskdp.mechanism.gradient import make_batch, public_gradient
+from maskdp.mechanism.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
+from maskdp.mechanism.views import FillView
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
-from maskdp.views import FillView
+from maskdp.training.optimizer import MaskDPOptimizer
 
 SAFE = ("reference", "vmap", "hooks")
 C = 0.05  # below every record's norm: every record is clipped
@@ -96,7 +96,7 @@ def test_contributions_stay_bounded_under_bf16_autocast(name: str, kind: str) ->
 
 
 def test_optimizer_refuses_autocast_with_an_unsafe_engine(monkeypatch) -> None:
-    from maskdp.engines.ghost import GhostEngine
+    from maskdp.engines.ghost.engine import GhostEngine
 
     monkeypatch.setattr(GhostEngine, "autocast_safe", False)
     model = make_model("vit")

@@ -1,6 +1,6 @@
 """``prepare``: BatchNorm to GroupNorm, in-place activations off, on a copy of the model.
 
-A prepared model also passes the behaviour probe of ``maskdp.validate`` (no buffer changes
+A prepared model also passes the behaviour probe of ``maskdp.engines.validate`` (no buffer changes
 in a train-mode forward), which the original fails."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from maskdp.engines.probe import probe_model
+from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.views import ModelInput
 from maskdp.models import SmallVideoCNN, prepare
 from maskdp.models.preparation import group_count
-from maskdp.probe import probe_model
-from maskdp.validate import validate_model
-from maskdp.views import ModelInput
 
 
 def test_r3d18_is_made_safe_and_the_original_is_untouched():

@@ -19,12 +19,12 @@ import maskdp
 from maskdp.data import PoissonDataLoader
 from maskdp.data.poisson import MaskDPDataLoader, StepBatches
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded
+from maskdp.mechanism.randomness import InsecureSeededRandomness, SecretRandomness
 from maskdp.models import VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.privacy import make_private, make_private_with_epsilon
-from maskdp.randomness import InsecureSeededRandomness, SecretRandomness
+from maskdp.training.optimizer import MaskDPOptimizer
+from maskdp.training.private import make_private, make_private_with_epsilon
 
-SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:

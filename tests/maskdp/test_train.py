@@ -18,8 +18,8 @@ import torch
 from maskdp.accounting.ledger import PrivacyLedger
 
 from maskdp.errors import InvalidInputError
-from maskdp.train import CHECKPOINT, CONFIG, METRICS, Run, evaluate, train
-from maskdp.train_config import build_config
+from maskdp.trainer.config import build_config
+from maskdp.trainer.run import CHECKPOINT, CONFIG, METRICS, Run, evaluate, train
 
 TINY = dict(
     train_size=32,
@@ -34,7 +34,7 @@ TINY = dict(
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "maskdp.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "maskdp.cli.app", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -84,7 +84,7 @@ def test_resume_after_interruption_continues_the_ledger(tmp_path: Path) -> None:
 
     with pytest.raises(Stop):
         train(config, tmp_path / "cut", on_step=stop_at)
-    assert _checkpoint(tmp_path / "cut")["step"] == 4
+    assert _checkpoint(tmp_path / "cut")["extra"]["step"] == 4
     assert not (tmp_path / "cut" / METRICS).exists()
 
     seen: list[tuple[int, int, int]] = []
@@ -99,7 +99,7 @@ def test_resume_after_interruption_continues_the_ledger(tmp_path: Path) -> None:
         assert resumed[key] == reference[key], key
     assert resumed["steps"] == 8
     whole, cut = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "cut")
-    assert whole["step"] == cut["step"] == 8
+    assert whole["extra"]["step"] == cut["extra"]["step"] == 8
     assert whole["optimizer"]["ledger"] == cut["optimizer"]["ledger"]
     assert cut["optimizer"]["steps"] == 8  # the lost steps 5 and 6 were not charged twice
     ledger = PrivacyLedger.from_dict(cut["optimizer"]["ledger"])

@@ -8,7 +8,7 @@
 - James-Stein shrinkage is a function of the released noisy sum only: two worlds with
   different sensitive content and the same release give the same update, equal to the
   closed form;
-- the public warm-up of ``maskdp.train`` spends no privacy and reads no sensitive pixel;
+- the public warm-up of ``maskdp.trainer.run`` spends no privacy and reads no sensitive pixel;
 - the identity probe sits at chance on labels independent of the features and near 1 on
   features that encode identity; Clopper-Pearson matches scipy's exact binomial interval.
 """
@@ -22,11 +22,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from maskdp import noise, postprocess
-from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
-from maskdp.errors import InvalidInputError
-from maskdp.functional import masked_gradient
-from maskdp.leakage import (
+from maskdp.analysis.leakage import (
     attribute_inference_bound,
     clopper_pearson,
     identity_inference,
@@ -34,12 +30,16 @@ from maskdp.leakage import (
     linear_probe,
     model_features,
 )
+from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
+from maskdp.errors import InvalidInputError
+from maskdp.mechanism import noise, postprocess
+from maskdp.mechanism.gradient import masked_gradient
+from maskdp.mechanism.randomness import InsecureSeededRandomness
+from maskdp.mechanism.views import FillView, InpaintView
 from maskdp.models import VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureSeededRandomness
-from maskdp.views import FillView, InpaintView
+from maskdp.training.optimizer import MaskDPOptimizer
 
-SEEDED = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
+SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 
 
 def clips(n: int = 3, seed: int = 0):
@@ -283,8 +283,8 @@ def test_shrinkage_is_a_function_of_the_released_noisy_sum_only(monkeypatch, wei
 
 
 def warm_up_run(tmp_path, perturb: bool):
-    from maskdp.train import Run
-    from maskdp.train_config import build_config
+    from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import Run
 
     config = build_config(
         train_size=32,

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from maskdp.engines.probe import ModelGuard, probe_model
+from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError, UnsafeModelError, UnsupportedModelError
-from maskdp.functional import masked_gradient
+from maskdp.mechanism.gradient import masked_gradient
+from maskdp.mechanism.views import DropView, FillView, ModelInput
 from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.probe import ModelGuard, probe_model
-from maskdp.validate import validate_model
-from maskdp.views import DropView, FillView, ModelInput
 
 
 def batch(n: int = 2, seed: int = 0):

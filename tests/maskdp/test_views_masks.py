@@ -10,18 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from maskdp.adjacency import Record, are_adjacent, erase, stack, substitute
 from maskdp.errors import InvalidInputError
-from maskdp.functional import masked_gradient
-from maskdp.masks import (
+from maskdp.mechanism.adjacency import Record, are_adjacent, erase, stack, substitute
+from maskdp.mechanism.gradient import masked_gradient
+from maskdp.mechanism.masks import (
     boxes_to_mask,
     check_pixel_mask,
     dilate_pixel_mask,
     pixel_to_token_mask,
     token_to_pixel_mask,
 )
-from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.views import (
+from maskdp.mechanism.views import (
     CallableView,
     DropView,
     FillView,
@@ -30,6 +29,7 @@ from maskdp.views import (
     as_view,
     with_absent,
 )
+from maskdp.models import SmallVideoCNN, VideoViT
 
 # --------------------------------------------------------------------------- masks
 

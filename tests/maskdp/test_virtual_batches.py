@@ -15,17 +15,19 @@ import torch
 from maskdp.accounting.ledger import PrivacyLedger
 from torch import nn
 
-from maskdp.batching import backward_in_micro_batches, iterate_micro_batches
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.randomness import InsecureSeededRandomness
+from maskdp.mechanism.views import FillView
 from maskdp.models import VideoViT
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureSeededRandomness
-from maskdp.views import FillView
+from maskdp.training.batching import backward_in_micro_batches, iterate_micro_batches
+from maskdp.training.optimizer import MaskDPOptimizer
 
 ENGINES = ("reference", "vmap", "hooks", "ghost")
 N, N_PUB = 7, 5
 
-pytestmark = pytest.mark.filterwarnings("ignore::maskdp.randomness.InsecureRandomnessWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning"
+)
 
 
 def data(n: int = N, seed: int = 11):

@@ -31,11 +31,11 @@ from maskdp.engines.base import (
     resolve_engine,
     trainable_parameters,
 )
+from maskdp.engines.probe import ModelGuard
+from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError
-from maskdp.masks import check_pixel_mask
-from maskdp.probe import ModelGuard
-from maskdp.validate import validate_model
-from maskdp.views import PublicView, as_view, with_absent
+from maskdp.mechanism.masks import check_pixel_mask
+from maskdp.mechanism.views import PublicView, as_view, with_absent
 
 Records = Sequence[Tensor]  # (inputs (N, C, T, H, W), mask (N, T, H, W), targets (N,))
 

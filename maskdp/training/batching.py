@@ -1,8 +1,8 @@
 r"""Virtual batches: one logical step's batches processed in micro-batches that fit in memory.
 
-:meth:`MaskDPOptimizer.backward <maskdp.optimizer.MaskDPOptimizer.backward>` adds the
+:meth:`MaskDPOptimizer.backward <maskdp.training.optimizer.MaskDPOptimizer.backward>` adds the
 clipped private sum :math:`\sum_P c_i \Delta_i` and the public sum :math:`\sum_U h_j` of
-each call to accumulators and :meth:`~maskdp.optimizer.MaskDPOptimizer.step` releases them
+each call to accumulators and :meth:`~maskdp.training.optimizer.MaskDPOptimizer.step` releases them
 once: noise is added once, the divisions are by the expected batch sizes, and one step is
 accounted. Clipping is per record, so the sums over micro-batches equal the sums over the
 whole batches: a step over micro-batches is the step over the logical batches (up to

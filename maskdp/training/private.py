@@ -3,7 +3,7 @@ r"""``make_private``: turn (model, optimizer, loader) into a MaskDP training set
 Always returns three values ``(model, optimizer, data_loader)``:
 
 - the model, unchanged (engines hook it; its names and state_dict keys stay the user's);
-- a :class:`~maskdp.optimizer.MaskDPOptimizer` around the optimizer;
+- a :class:`~maskdp.training.optimizer.MaskDPOptimizer` around the optimizer;
 - a :class:`~maskdp.data.poisson.MaskDPDataLoader` over the loader's dataset, whose items
   are ``(private, public)``: a Poisson batch at rate :math:`q` drawn from secret randomness
   and a public batch drawn independently at rate :math:`q_{pub}` (default :math:`q`). The
@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader
 
 from maskdp.checks import check_batch_size, check_delta, check_target_epsilon
 from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
-from maskdp.distributed import is_ddp
 from maskdp.engines.base import PerSampleLoss
 from maskdp.errors import InvalidInputError
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import Randomness, SecretRandomness
-from maskdp.views import PublicView
+from maskdp.mechanism.randomness import Randomness, SecretRandomness
+from maskdp.mechanism.views import PublicView
+from maskdp.training.distributed import is_ddp
+from maskdp.training.optimizer import MaskDPOptimizer
 
 ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 

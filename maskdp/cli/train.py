@@ -169,12 +169,12 @@ def train_command(
         if v is not None
         and k not in {"run_dir", "resume", "config", "as_json", "progress", "threads"}
     }
-    from maskdp.train_config import build_config, load_config_file
+    from maskdp.trainer.config import build_config, load_config_file
 
     if resume and run_dir is None:
         raise InvalidInputError("--resume needs --run-dir")
     if resume and config is None and len(options) == 0:
-        from maskdp.train import read_config
+        from maskdp.trainer.run import read_config
 
         settings = read_config(run_dir)
     else:
@@ -191,7 +191,7 @@ def train_command(
 
 
 def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool):
-    from maskdp.train import train
+    from maskdp.trainer.run import train
 
     if not show:
         return train(settings, run_dir, resume=resume)
@@ -224,7 +224,7 @@ def evaluate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Report the test accuracy and the privacy spent of a trained run."""
-    from maskdp.train import evaluate
+    from maskdp.trainer.run import evaluate
 
     _print_metrics(evaluate(run_dir), as_json)
 
@@ -235,7 +235,7 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write the releasable weights of a run (the model's state_dict alone) to OUT."""
-    from maskdp.train import export
+    from maskdp.trainer.run import export
 
     _print_metrics(export(run_dir, out), as_json)
 

@@ -5,7 +5,7 @@ A run directory holds ``config.json`` (the validated :class:`TrainConfig`),
 (``epsilon``, ``delta``, ``steps``, ``accuracy``, ...). Every file is written atomically,
 so a crash at any moment leaves the previous complete version.
 
-The run is built on :func:`maskdp.privacy.make_private`: each step takes a private Poisson
+The run is built on :func:`maskdp.training.private.make_private`: each step takes a private Poisson
 batch and an independent public batch, and the noise and the private sampling draw from the
 OS entropy pool. The config's ``seed`` fixes only public things (the synthetic data, the
 initial weights, a random-fill view); no seed determines the noise or the sampling, so none
@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from maskdp.distributed import DistributedContext, from_env, sum_gradients
 from maskdp.errors import InvalidInputError
 from maskdp.io import atomic_torch_save, atomic_write_json, remove_temporaries
-from maskdp.train_config import TrainConfig
+from maskdp.trainer.config import TrainConfig
+from maskdp.training.checkpoint import load_checkpoint, save_checkpoint
+from maskdp.training.distributed import DistributedContext, from_env, sum_gradients
 
 CONFIG, CHECKPOINT, METRICS = "config.json", "checkpoint.pt", "metrics.json"
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> 
 
 
 def build_view(config: TrainConfig, model: nn.Module):
-    from maskdp.views import DropView, FillView, InpaintView, RandomFillView
+    from maskdp.mechanism.views import DropView, FillView, InpaintView, RandomFillView
 
     if config.view == "fill":
         return FillView(0.5)
@@ -215,7 +215,7 @@ class Run:
         )
         self.view = build_view(config, self.model)
         # DDP broadcasts rank 0's parameters; MaskDPOptimizer then all-reduces the sums and
-        # noises them once (maskdp.distributed); the loaders yield this rank's shard.
+        # noises them once (maskdp.training.distributed); the loaders yield this rank's shard.
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if dist is not None else None
         self.optimizer, self.loader = self._private_setup()
         self.step = 0
@@ -224,7 +224,7 @@ class Run:
         """The optimizer (None when non-private) and the loader of (private, public) pairs."""
         from torch.utils.data import DataLoader
 
-        from maskdp.privacy import make_private
+        from maskdp.training.private import make_private
 
         config = self.config
         base = DataLoader(self.train_set, batch_size=config.batch_size)
@@ -251,36 +251,27 @@ class Run:
     def save(self) -> None:
         if self.dist is not None and not self.dist.is_main:
             return  # rank 0 alone writes the run directory
-        state: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "inner_optimizer": self.inner.state_dict(),
-        }
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        if hasattr(self.view, "state_dict"):
-            state["view"] = self.view.state_dict()
-        atomic_torch_save(state, self.run_dir / CHECKPOINT)
+        save_checkpoint(
+            self.run_dir / CHECKPOINT,
+            model=self.model,
+            optimizer=self.optimizer if self.optimizer is not None else self.inner,
+            loader=self.loader if self.optimizer is not None else None,
+            extra={"step": self.step},
+        )
 
     def load(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InvalidInputError(f"no checkpoint to resume in {self.run_dir}") from None
-        except Exception as err:  # a torn or foreign file: refuse, never guess
-            raise InvalidInputError(f"checkpoint {path} cannot be read: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise InvalidInputError(f"checkpoint {path} has an unknown format")
-        self.model.load_state_dict(state["model"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            self.inner.load_state_dict(state["inner_optimizer"])
-        if "view" in state:
-            self.view.load_state_dict(state["view"])
-        self.step = int(state["step"])
+        if not (self.run_dir / CHECKPOINT).exists():
+            raise InvalidInputError(f"no checkpoint to resume in {self.run_dir}")
+        extra = load_checkpoint(
+            self.run_dir / CHECKPOINT,
+            model=self.model,
+            optimizer=self.optimizer if self.optimizer is not None else self.inner,
+            loader=self.loader if self.optimizer is not None else None,
+        )
+        step = extra.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidInputError(f"checkpoint in {self.run_dir} has no valid step")
+        self.step = step
 
     # -- training ------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -384,7 +375,7 @@ def train(
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank joins a gloo (CPU) or nccl
     (CUDA) process group, trains on its shard of each step's Poisson sample with the ranks'
-    clipped sums all-reduced and noised once (:mod:`maskdp.distributed`), and rank 0 alone
+    clipped sums all-reduced and noised once (:mod:`maskdp.training.distributed`), and rank 0 alone
     writes the run directory; every rank returns the same metrics.
     """
     with from_env(config.device) as dist:
@@ -436,7 +427,7 @@ def _train(
 
 def read_config(run_dir: str | Path) -> TrainConfig:
     """The validated config stored in a run directory."""
-    from maskdp.train_config import build_config, load_config_file
+    from maskdp.trainer.config import build_config, load_config_file
 
     path = Path(run_dir) / CONFIG
     if not path.exists():

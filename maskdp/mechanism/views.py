@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.errors import InvalidInputError, ViewContractError
-from maskdp.masks import check_pixel_mask, pixel_to_token_mask
-from maskdp.randomness import in_private_scope
+from maskdp.mechanism.masks import check_pixel_mask, pixel_to_token_mask
+from maskdp.mechanism.randomness import in_private_scope
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class RandomFillView(_PixelView):
 
     The noise is drawn from a generator seeded at construction and never from the data, so
     the public view is a function of public content and data-independent randomness. On
-    the private side of a step (:func:`maskdp.randomness.private_scope`) it draws from the
+    the private side of a step (:func:`maskdp.mechanism.randomness.private_scope`) it draws from the
     scope's secret stream instead, so that its own generator, which serves the public batch,
     never advances by an amount that depends on the private batch.
     """

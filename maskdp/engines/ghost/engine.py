@@ -7,10 +7,10 @@ a tensor hook on its output receives ``G``, the gradient of
 
 with respect to that output (public rows carry the weight -1). ``torch.autograd.grad`` is
 asked only for the output gradients of the first layers, so no parameter gradient is ever
-computed. Per layer a rule of :mod:`maskdp.engines.ghost_layers` turns ``(A, G)`` into
+computed. Per layer a rule of :mod:`maskdp.engines.ghost.layers` turns ``(A, G)`` into
 per-sample squared norms of :math:`\Delta_i` and what is needed for
 :math:`\sum_i c_i \Delta_i` (DESIGN.md section 4). Samples never mix
-(BatchNorm is refused by :func:`maskdp.validate.validate_model`), so the output gradient
+(BatchNorm is refused by :func:`maskdp.engines.validate.validate_model`), so the output gradient
 of :math:`\sum_i [c_i \ell(full_i) + (1 - c_i) \ell(pub_i)]` is ``G`` rescaled per sample
 (book-keeping, Bu et al. 2023): the clipped sum needs no second backward.
 
@@ -24,7 +24,7 @@ Two schedules give the same numbers:
   draws); about one pass's activations in memory instead of two.
 
 Each layer is reduced inside the backward as soon as its ``G`` arrives, and its ``A`` and
-``G`` are released (:mod:`maskdp.engines.ghost_capture`). Hooks live only for the duration
+``G`` are released (:mod:`maskdp.engines.ghost.capture`). Hooks live only for the duration
 of :meth:`GhostEngine.compute`; the model keeps its state_dict keys, attributes and
 ``param.grad``.
 """
@@ -45,8 +45,8 @@ from maskdp.engines.base import (
     empty_result,
     register_engine,
 )
-from maskdp.engines.ghost_capture import FIX, Call, Capture, Layer, analyse_graph
-from maskdp.engines.ghost_layers import (
+from maskdp.engines.ghost.capture import FIX, Call, Capture, Layer, analyse_graph
+from maskdp.engines.ghost.layers import (
     LayerResult,
     Mode,
     Pair,
@@ -57,7 +57,7 @@ from maskdp.engines.ghost_layers import (
     uses_ghost,
 )
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.views import ModelInput
+from maskdp.mechanism.views import ModelInput
 
 FULL, PUBLIC, STACKED = "full", "public", "stacked"
 _MODES = ("auto", "ghost", "instantiate")
@@ -67,7 +67,7 @@ def plan_layers(model: nn.Module) -> list[Layer]:
     """The layers of ``model`` the ghost engine handles; raise if a parameter is not covered.
 
     Every trainable parameter must be a direct parameter of exactly one module with a rule
-    (:func:`~maskdp.engines.ghost_layers.rule_for`).
+    (:func:`~maskdp.engines.ghost.layers.rule_for`).
     """
     layers: list[Layer] = []
     problems: list[str] = []

@@ -19,19 +19,19 @@ initialisation):
    pixels (``canary_region="sensitive"``) or into its public pixels (``"public"``); label
    and mask are kept. Sensitive: world 1 holds the canary, world 0 its ``erase``
    neighbour (the record without sensitive content, seen as its public view): exactly the
-   masked adjacency the accountant's epsilon is about (:mod:`maskdp.adjacency`). Public:
+   masked adjacency the accountant's epsilon is about (:mod:`maskdp.mechanism.adjacency`). Public:
    world 1 holds the canary, world 0 the original record; these differ in public content,
    which MaskDP does not claim to protect.
 2. **Canary direction.** At the fixed initial parameters :math:`\theta_0` (one draw of
    ``model_fn``, reused by every run), the canary's contribution to the released sum in
    world 1 minus world 0, :math:`d = (h_1 + c_1\Delta_1) - (h_0 + c_0\Delta_0)`
    (:math:`= c_1 \Delta_1` for a sensitive canary, of norm :math:`\le C`), computed with
-   :func:`maskdp.functional.masked_gradient`. The canary is a "gradient canary" in the sense
+   :func:`maskdp.mechanism.gradient.masked_gradient`. The canary is a "gradient canary" in the sense
    of Nasr et al.: its effect on the update is concentrated along :math:`\hat d = d/\lVert d
    \rVert`, and the score reads the update along that direction only.
 3. **Runs.** ``trials`` independent MaskDP-SGD runs per world (fresh Poisson samples and
    noise per run, same :math:`\theta_0`), each ``steps`` steps of
-   :class:`~maskdp.optimizer.MaskDPOptimizer`. Score of a run:
+   :class:`~maskdp.training.optimizer.MaskDPOptimizer`. Score of a run:
    :math:`s = \langle \theta_0 - \theta_T, \hat d \rangle` (large when the canary pushed the
    parameters along :math:`-\hat d`). For one full-batch SGD step the score is exactly the
    Gaussian mechanism's output along :math:`\hat d`: the worlds differ by
@@ -86,11 +86,11 @@ from maskdp.checks import (
 )
 from maskdp.engines.base import PerSampleLoss, trainable_parameters
 from maskdp.errors import InvalidInputError
-from maskdp.functional import check_batch, masked_gradient
-from maskdp.optimizer import MaskDPOptimizer
-from maskdp.randomness import InsecureSeededRandomness, Randomness
-from maskdp.sampling import poisson_sample
-from maskdp.views import PublicView
+from maskdp.mechanism.gradient import check_batch, masked_gradient
+from maskdp.mechanism.randomness import InsecureSeededRandomness, Randomness
+from maskdp.mechanism.sampling import poisson_sample
+from maskdp.mechanism.views import PublicView
+from maskdp.training.optimizer import MaskDPOptimizer
 
 Region = Literal["sensitive", "public"]
 REGIONS: tuple[str, ...] = ("sensitive", "public")
@@ -667,7 +667,7 @@ def audit(
         dataset: ``(inputs (N, C, T, H, W), masks (N, T, H, W), targets (N,))`` or a
             map-style dataset of ``(x, m, y)`` records (materialised: keep it small).
         noise_multiplier, max_grad_norm, sample_rate, steps: the MaskDP-SGD settings
-            audited (:class:`~maskdp.optimizer.MaskDPOptimizer`); the expected batch size
+            audited (:class:`~maskdp.training.optimizer.MaskDPOptimizer`); the expected batch size
             is ``max(1, round(sample_rate * N))``. ``sample_rate=1`` (full batch) gives the
             strongest audit: the other records then add no sampling variance to the score.
         learning_rate: of the default plain SGD; ``optimizer_fn(params)`` overrides it.
@@ -676,7 +676,7 @@ def audit(
             from it (measured: 4 full-batch steps at sigma = 2 show a separation of 0.65
             instead of the mechanism's 1.0 with ``0.1``, 1.0 with ``0.01``).
         loss_fn: default ``nn.CrossEntropyLoss()``. ``view``, ``engine``, ``protect_labels``:
-            as in :class:`~maskdp.optimizer.MaskDPOptimizer`.
+            as in :class:`~maskdp.training.optimizer.MaskDPOptimizer`.
         canary_region: ``"sensitive"`` (audits the guarantee) or ``"public"`` (shows that
             public content is not protected).
         canary_index: the record that becomes the canary (its label and mask are kept).

@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from maskdp import train_cli
 from maskdp.accounting.cli import register, run
+from maskdp.cli import train as train_cli
 
 app = typer.Typer(
     name="maskdp",

@@ -8,7 +8,7 @@ non-sensitive content. Two relations:
 
 - ``"erase"`` (default): one of :math:`r_i, r'_i` is present and the other is its erased
   version (:func:`erase`). An absent record has no sensitive content; the model sees exactly
-  its public view (:func:`maskdp.views.with_absent`), so its private term is
+  its public view (:func:`maskdp.mechanism.views.with_absent`), so its private term is
   :math:`\Delta_i = 0`. This is dp_accounting's ``REPLACE_SPECIAL`` relation.
 - ``"substitute"``: both records are present and differ only inside the mask (the sensitive
   content of one record replaced by other content). Sensitivity doubles (2C).

@@ -1,6 +1,6 @@
 r"""The one Poisson sampler: every record joins a step's batch independently with probability q.
 
-Used by the data loaders of :func:`maskdp.privacy.make_private`, ``maskdp train``, the
+Used by the data loaders of :func:`maskdp.training.private.make_private`, ``maskdp train``, the
 audit and distributed training. The accountant charges each step as the
 Poisson-subsampled Gaussian mechanism, so the realised rate must be exactly :math:`q`:
 
@@ -10,7 +10,7 @@ Poisson-subsampled Gaussian mechanism, so the realised rate must be exactly :mat
   :math:`G = \lfloor \ln u / \ln(1 - q) \rfloor` with :math:`u` a float64 uniform on
   :math:`(0, 1]`, so that :math:`P(G \ge k) = P(u \le (1-q)^k) = (1-q)^k` up to the
   :math:`2^{-53}` grid of :math:`u`. It costs :math:`O(qN)` draws, not :math:`O(N)`.
-- **Secret.** The uniforms come from a :class:`~maskdp.randomness.Randomness`, by default
+- **Secret.** The uniforms come from a :class:`~maskdp.mechanism.randomness.Randomness`, by default
   the OS entropy pool: no seed determines the batches.
 - **Split across processes.** Rank :math:`r` of :math:`W` samples only the records
   :math:`i \equiv r \pmod W` of its shard; the shards partition the dataset and each
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from maskdp.checks import check_sample_rate
 from maskdp.errors import InvalidInputError
-from maskdp.randomness import Randomness, check_randomness
+from maskdp.mechanism.randomness import Randomness, check_randomness
 
 
 def _check_shard(num_records: int, rank: int, world_size: int) -> None:

@@ -7,7 +7,7 @@ For every released parameter ``p`` the step releases (DESIGN.md section 3)
         c_i \Delta_{i,p} + N(0, \sigma^2 C^2 I)\Big),
 
 with :math:`B = qN` and :math:`B_{pub}` the *expected* batch sizes, fixed before training
-(the division is :func:`maskdp.postprocess.release`).
+(the division is :func:`maskdp.mechanism.postprocess.release`).
 
 Why each detail matters for privacy (each one is an input of the RDP of the
 Poisson-subsampled Gaussian mechanism, Mironov et al. 2019; Abadi et al. 2016):
@@ -23,7 +23,7 @@ Poisson-subsampled Gaussian mechanism, Mironov et al. 2019; Abadi et al. 2016):
   depend on the presence of the differing record in a way the sensitivity-:math:`C`
   analysis does not cover (and is undefined for an empty batch). :math:`B` is a constant, so
   dividing by it is post-processing.
-- **Secret, full-precision noise.** The draws come from :mod:`maskdp.randomness` (OS
+- **Secret, full-precision noise.** The draws come from :mod:`maskdp.mechanism.randomness` (OS
   entropy by default: no seed replays them) in float32 or wider, whatever the model's dtype.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from maskdp.randomness import Randomness
+from maskdp.mechanism.randomness import Randomness
 
 
 def add_noise(

@@ -162,11 +162,11 @@ def check_randomness(value: Randomness | None) -> Randomness:
         raise InvalidInputError(
             "a torch.Generator cannot drive noise or sampling: its seed makes them replayable; "
             "leave the default (secret OS entropy) or, in tests only, pass "
-            "maskdp.randomness.InsecureSeededRandomness(seed)"
+            "maskdp.mechanism.randomness.InsecureSeededRandomness(seed)"
         )
     if not isinstance(value, Randomness):
         raise InvalidInputError(
-            f"randomness must be a maskdp.randomness.Randomness or None, got {type(value).__name__}"
+            f"randomness must be a maskdp.mechanism.randomness.Randomness or None, got {type(value).__name__}"
         )
     return value
 

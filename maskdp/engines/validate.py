@@ -6,7 +6,7 @@ about sensitive content without clipping or noise. Such models are refused with 
 per offending module: its path, the reason and the fix (Opacus ``validators/`` style).
 
 Beyond the known sample-mixing layers, a model is *probed* by its behaviour
-(:mod:`maskdp.probe`): state that changes in a forward pass and randomness that cannot be
+(:mod:`maskdp.engines.probe`): state that changes in a forward pass and randomness that cannot be
 replayed are refused there.
 """
 

@@ -9,10 +9,10 @@ One step (DESIGN.md section 3), each phase a method as in Opacus
    before a step add up (virtual batches).
 2. :meth:`~MaskDPOptimizer.add_noise`: :math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)`
    on every step (an empty batch included), drawn from secret randomness
-   (:mod:`maskdp.randomness`) in float32 or wider.
+   (:mod:`maskdp.mechanism.randomness`) in float32 or wider.
 3. :meth:`~MaskDPOptimizer.scale`: ``p.grad`` :math:`= \frac{1}{B_{pub}} \sum_U h_j +
    \frac{w}{B} s(Z)`, with the *expected* batch sizes :math:`B = qN` and :math:`B_{pub}`
-   (:mod:`maskdp.postprocess`; :math:`w = 1`, :math:`s(Z) = Z` by default).
+   (:mod:`maskdp.mechanism.postprocess`; :math:`w = 1`, :math:`s(Z) = Z` by default).
 4. :meth:`~MaskDPOptimizer.account`: one Poisson-subsampled Gaussian step
    :math:`(q, \sigma)` in the ledger.
 5. the inner optimizer's ``step``.
@@ -42,10 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from maskdp import noise, postprocess, precision
 from maskdp.accounting.errors import AccountingError
 from maskdp.accounting.ledger import ACCOUNTANTS, PrivacyLedger
-from maskdp.budget import epsilon_after, steps_within_budget
 from maskdp.checks import (
     check_batch_size,
     check_delta,
@@ -54,14 +52,17 @@ from maskdp.checks import (
     check_sample_rate,
     check_target_epsilon,
 )
-from maskdp.distributed import DistributedContext, unwrap_ddp
 from maskdp.engines.base import Engine, PerSampleLoss, accumulation_dtype, resolve_engine
+from maskdp.engines.probe import ModelGuard
+from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError, PrivacyBudgetExceeded, UnsupportedModelError
-from maskdp.functional import Records, check_public_batch, make_batch, public_gradient
-from maskdp.probe import ModelGuard
-from maskdp.randomness import Randomness, check_randomness, is_replayable, private_scope
-from maskdp.validate import validate_model
-from maskdp.views import PublicView, as_view
+from maskdp.mechanism import noise, postprocess
+from maskdp.mechanism.gradient import Records, check_public_batch, make_batch, public_gradient
+from maskdp.mechanism.randomness import Randomness, check_randomness, is_replayable, private_scope
+from maskdp.mechanism.views import PublicView, as_view
+from maskdp.training import precision
+from maskdp.training.budget import epsilon_after, steps_within_budget
+from maskdp.training.distributed import DistributedContext, unwrap_ddp
 
 FORMAT = "maskdp-optimizer"
 FORMAT_VERSION = 2
@@ -87,7 +88,7 @@ class MaskDPOptimizer(Optimizer):
     Args:
         optimizer: any ``torch.optim.Optimizer`` over trainable parameters of ``model``.
         model: the model (never modified or wrapped; engines hook it). Refused if it holds a
-            layer that mixes samples (BatchNorm): :func:`maskdp.validate.validate_model`.
+            layer that mixes samples (BatchNorm): :func:`maskdp.engines.validate.validate_model`.
         loss_fn: a loss module (its ``reduction`` is ignored: per-sample losses are summed
             and divided by ``expected_batch_size``) or a per-sample callable.
         noise_multiplier: :math:`\sigma \ge 0`. ``0`` is for tests only: no privacy,
@@ -101,7 +102,7 @@ class MaskDPOptimizer(Optimizer):
         sample_rate: the Poisson sampling rate :math:`q \in (0, 1]` of the private batch.
         expected_public_batch_size: :math:`B_{pub}`, the divisor of the public term
             (default ``expected_batch_size``).
-        view: the public view (default ``FillView(0.5)``, see :func:`maskdp.views.as_view`)
+        view: the public view (default ``FillView(0.5)``, see :func:`maskdp.mechanism.views.as_view`)
             or a callable.
         engine: ``"auto"`` or an engine name (:func:`maskdp.engines.base.engine_names`).
         protect_labels: plain DP-SGD on :math:`g_i` (no public term): protects labels too.
@@ -113,17 +114,17 @@ class MaskDPOptimizer(Optimizer):
         target_delta: the delta of the budget and the default of :meth:`epsilon`.
         accountant: ``"rdp"`` (default) or ``"prv"`` (tighter, slower; its upper bound).
         randomness: where the noise comes from: ``None`` (default) draws it from the OS
-            entropy pool, secret and stateless (:mod:`maskdp.randomness`). Only tests pass
-            :class:`~maskdp.randomness.InsecureSeededRandomness` (replayable: no privacy).
+            entropy pool, secret and stateless (:mod:`maskdp.mechanism.randomness`). Only tests pass
+            :class:`~maskdp.mechanism.randomness.InsecureSeededRandomness` (replayable: no privacy).
         autocast: ``torch.bfloat16`` or ``torch.float16`` runs each engine call under
             ``torch.autocast`` (low-precision forward passes); clipped sums, noise and the
-            divisions stay in float32 or wider (:mod:`maskdp.precision`).
+            divisions stay in float32 or wider (:mod:`maskdp.training.precision`).
         private_weight: :math:`w \ge 0`: the step uses
             :math:`\frac{1}{B_{pub}}\sum_U h_j + \frac{w}{B} Z` with
             :math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)` the noisy private sum
             (noise added *before* weighting; :math:`w < 1` trades the private term's bias
             for less noise). Post-processing of the released :math:`(\sum_U h_j, Z)`, so
-            free in privacy (:mod:`maskdp.postprocess`). Default 1: plain MaskDP-SGD.
+            free in privacy (:mod:`maskdp.mechanism.postprocess`). Default 1: plain MaskDP-SGD.
         shrinkage: ``None`` or ``"james-stein"``: per parameter tensor, replace :math:`Z`
             by its positive-part James-Stein shrinkage toward zero, computed from :math:`Z`,
             :math:`\sigma`, :math:`C` and the dimension only (post-processing too).
@@ -131,8 +132,8 @@ class MaskDPOptimizer(Optimizer):
     Distributed data parallel: pass ``model=DistributedDataParallel(model)``. Engines then
     run on ``model.module``; each rank's sums are all-reduced, rank 0 alone adds the noise,
     and every rank divides by the *global* expected batch sizes and accounts one step
-    (:mod:`maskdp.distributed`). Each rank must feed its shard of the global batches
-    (:func:`maskdp.privacy.make_private` does).
+    (:mod:`maskdp.training.distributed`). Each rank must feed its shard of the global batches
+    (:func:`maskdp.training.private.make_private` does).
     """
 
     def __init__(
@@ -445,7 +446,7 @@ class MaskDPOptimizer(Optimizer):
                 "reveals which records were sampled); use the second item of make_private's "
                 "loader"
             )
-        # The private side on a random stream of its own (maskdp.randomness.private_scope):
+        # The private side on a random stream of its own (maskdp.mechanism.randomness.private_scope):
         # what it draws never shifts the streams the public batch uses.
         with self._guard.watch(), precision.autocast(self._autocast, inputs.device):
             with private_scope(self._randomness, inputs.device):
@@ -491,7 +492,7 @@ class MaskDPOptimizer(Optimizer):
 
         Drawn from :attr:`randomness` in float32 or wider. Distributed: rank 0 alone adds the
         noise, then the ranks' sums are all-reduced, so the noise enters the global sum
-        exactly once (:mod:`maskdp.distributed`).
+        exactly once (:mod:`maskdp.training.distributed`).
         """
         private = self._private_sum if self._private_sum is not None else self._zeros()
         main = self._dist is None or self._dist.is_main
@@ -611,7 +612,7 @@ class MaskDPOptimizer(Optimizer):
         """Inner optimizer state, ledger (JSON-compatible dict) and step counts.
 
         Secret randomness has no state, so nothing here replays the noise. Only a test's
-        :class:`~maskdp.randomness.InsecureSeededRandomness` adds its state, under the key
+        :class:`~maskdp.mechanism.randomness.InsecureSeededRandomness` adds its state, under the key
         ``"insecure_randomness"`` (such a checkpoint must stay as secret as the data).
         """
         state = {

@@ -16,7 +16,7 @@ MaskDP's guarantee needs two properties of the model that no list of classes can
   *random* (the engines then keep the passes apart and replay the generator).
 
 Probes run on the public view of (at most four records of) the first private batch, inside
-the private side's own random stream (:func:`maskdp.randomness.private_scope`), and again
+the private side's own random stream (:func:`maskdp.mechanism.randomness.private_scope`), and again
 whenever any module's train/eval mode changes. What they change is restored.
 """
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from maskdp.engines.base import RngSnapshot
 from maskdp.errors import UnsafeModelError
-from maskdp.views import ModelInput
+from maskdp.mechanism.views import ModelInput
 
 PROBE_RECORDS = 4
 

@@ -16,7 +16,7 @@ mechanism:
 
 - **Sampling.** Rank ``r`` Poisson-samples, at the global rate :math:`q` and from its own
   secret randomness, the records of its shard (record ``i`` belongs to rank ``i mod W``,
-  :func:`maskdp.sampling.poisson_sample`). The shards partition the data and every record
+  :func:`maskdp.mechanism.sampling.poisson_sample`). The shards partition the data and every record
   is included independently with probability :math:`q`, so the union over ranks is exactly
   one Poisson sample of the whole dataset at rate :math:`q`: each sampled record enters the
   global batch once, and the accountant's subsampling step is unchanged. The public batch
@@ -50,7 +50,7 @@ engines run on ``ddp.module`` and compute gradients with ``torch.autograd.grad``
 ``.backward()`` into ``param.grad``, and DDP's own forward is never called, so its reducer
 never expects a gradient and never all-reduces anything (no double counting, no
 ``no_sync()`` needed). Buffers are therefore not re-broadcast each step; models with
-running statistics are refused anyway (:func:`maskdp.validate.validate_model`).
+running statistics are refused anyway (:func:`maskdp.engines.validate.validate_model`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Checking the guarantee empirically: the canary audit, the leak test, their statistics."""

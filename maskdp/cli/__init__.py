@@ -1,0 +1,1 @@
+"""The ``maskdp`` command line: the epsilon calculator (torch-free) and ``maskdp train``."""
