@@ -3,14 +3,13 @@
 Each ``compute_*`` function takes keyword-only arguments spelled like the CLI options
 (``sample_rate`` for ``--sample-rate``), validates them once through :mod:`maskdp.accounting.params`
 (raising :class:`~maskdp.accounting.errors.InvalidParameterError` on bad input) and returns a frozen
-report with ``to_dict()``.
+report with ``to_dict()`` (:mod:`maskdp.accounting.reports`).
 
 A report holds one result per accountant asked for (``accountant="all"`` runs both RDP and
 PRV). Every result is a guarantee, so the report's headline is the best of them: the
 smallest epsilon, the smallest noise multiplier, the largest step count or the smallest
-attacker TPR bound. ``to_dict()`` gives the inputs, ``accountant`` (as asked), the headline
-keys, every key of the single result when one accountant was asked for, and ``results`` (a
-list with one dict per accountant). No value is ever NaN or infinite.
+attacker TPR bound. No value is ever NaN or infinite: an unbounded one raises
+:class:`~maskdp.accounting.errors.AccountingError`.
 
 The numerical core (RDP, PRV, calibration, risk) is imported inside the functions, so that
 importing this module stays cheap and the RDP path never imports scipy.
@@ -20,18 +19,28 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any
 
+from maskdp.accounting.choices import Accountant
 from maskdp.accounting.errors import AccountingError
 from maskdp.accounting.params import (
     DEFAULT_DELTA,
-    Accountant,
     EpsilonParams,
     NoiseParams,
     RiskParams,
     StepsParams,
     parse,
+)
+from maskdp.accounting.reports import (
+    EpsilonBound,
+    EpsilonReport,
+    NoiseReport,
+    NoiseResult,
+    RiskBound,
+    RiskReport,
+    StepsReport,
+    StepsResult,
 )
 
 __all__ = [
@@ -53,6 +62,10 @@ __all__ = [
     "steps_report",
 ]
 
+_GuaranteeParams = EpsilonParams | NoiseParams | StepsParams
+"""Inputs that fix delta, the conversion and the relation of an epsilon guarantee."""
+_Params = _GuaranteeParams | RiskParams
+
 
 def _finite(value: float, what: str) -> float:
     value = float(value)
@@ -61,213 +74,6 @@ def _finite(value: float, what: str) -> float:
             f"{what} is unbounded for these parameters (is the noise multiplier far too small?)"
         )
     return value
-
-
-def _compact(obj: Any) -> dict[str, Any]:
-    """``asdict`` without the ``None`` fields (a key absent means "does not apply")."""
-    return {key: value for key, value in asdict(obj).items() if value is not None}
-
-
-# --- one accountant's answer ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class EpsilonBound:
-    """One accountant's epsilon at ``delta``; ``epsilon`` is an upper bound (the guarantee).
-
-    RDP fills ``conversion``, ``order`` (the optimal Renyi order) and ``at_grid_edge``; PRV
-    fills ``epsilon_estimate`` and ``epsilon_lower`` (``epsilon`` is its upper bound).
-    """
-
-    accountant: Accountant
-    epsilon: float
-    delta: float
-    conversion: str | None = None
-    order: float | None = None
-    at_grid_edge: bool | None = None
-    epsilon_estimate: float | None = None
-    epsilon_lower: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _compact(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class NoiseResult:
-    """The smallest noise multiplier this accountant certifies for the target, and the
-    epsilon it achieves (at most the target)."""
-
-    accountant: Accountant
-    noise_multiplier: float
-    epsilon: float
-    conversion: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _compact(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepsResult:
-    """The largest step count this accountant certifies for the target, the matching
-    number of epochs (``steps * q``) and the epsilon it achieves (at most the target)."""
-
-    accountant: Accountant
-    steps: int
-    epochs: float
-    epsilon: float
-    conversion: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _compact(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RiskBound:
-    """Upper bounds on a membership attacker's true-positive rate at ``fpr`` and on its
-    advantage (TPR - FPR), from this accountant's privacy curve."""
-
-    accountant: Accountant
-    tpr_upper: float
-    advantage_upper: float
-    epsilon: float | None = None
-    delta: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _compact(self)
-
-
-# --- reports --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Report:
-    """Inputs (resolved), the accountant asked for, and one result per accountant."""
-
-    accountant: str
-    results: tuple[Any, ...]
-
-    HEADLINE: ClassVar[tuple[str, ...]] = ()
-
-    @property
-    def best(self) -> Any:
-        raise NotImplementedError
-
-    def inputs(self) -> dict[str, Any]:
-        skip = {"accountant", "results"}
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in skip and getattr(self, f.name) is not None
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        best = self.best.to_dict()
-        head = best if len(self.results) == 1 else {k: best[k] for k in self.HEADLINE}
-        head = {k: v for k, v in head.items() if k != "accountant"}
-        return {
-            **self.inputs(),
-            "accountant": self.accountant,
-            **head,
-            "results": [r.to_dict() for r in self.results],
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class EpsilonReport(_Report):
-    """``epsilon``: the smallest upper bound on epsilon at ``delta`` over the accountants."""
-
-    sample_rate: float
-    steps: int
-    noise_multiplier: float
-    delta: float
-    relation: str
-    dataset_size: int | None = None
-    batch_size: int | None = None
-    epochs: float | None = None
-
-    HEADLINE: ClassVar[tuple[str, ...]] = ("epsilon",)
-
-    @property
-    def best(self) -> EpsilonBound:
-        return min(self.results, key=lambda r: r.epsilon)
-
-    @property
-    def epsilon(self) -> float:
-        return self.best.epsilon
-
-
-@dataclass(frozen=True, kw_only=True)
-class NoiseReport(_Report):
-    """``noise_multiplier``: the smallest certified noise for ``target_epsilon``."""
-
-    sample_rate: float
-    steps: int
-    target_epsilon: float
-    delta: float
-    relation: str
-    dataset_size: int | None = None
-    batch_size: int | None = None
-    epochs: float | None = None
-
-    HEADLINE: ClassVar[tuple[str, ...]] = ("noise_multiplier", "epsilon")
-
-    @property
-    def best(self) -> NoiseResult:
-        return min(self.results, key=lambda r: r.noise_multiplier)
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self.best.noise_multiplier
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepsReport(_Report):
-    """``steps``: the largest certified step count for ``target_epsilon``."""
-
-    sample_rate: float
-    noise_multiplier: float
-    target_epsilon: float
-    delta: float
-    relation: str
-    dataset_size: int | None = None
-    batch_size: int | None = None
-
-    HEADLINE: ClassVar[tuple[str, ...]] = ("steps", "epochs", "epsilon")
-
-    @property
-    def best(self) -> StepsResult:
-        return max(self.results, key=lambda r: r.steps)
-
-    @property
-    def steps(self) -> int:
-        return self.best.steps
-
-
-@dataclass(frozen=True, kw_only=True)
-class RiskReport(_Report):
-    """``tpr_upper``: the smallest bound on an attacker's TPR at ``fpr``."""
-
-    sample_rate: float
-    steps: int
-    noise_multiplier: float
-    fpr: float
-    delta: float | None = None
-    dataset_size: int | None = None
-    batch_size: int | None = None
-    epochs: float | None = None
-
-    HEADLINE: ClassVar[tuple[str, ...]] = ("tpr_upper", "advantage_upper")
-
-    @property
-    def best(self) -> RiskBound:
-        return min(self.results, key=lambda r: r.tpr_upper)
-
-    @property
-    def tpr_upper(self) -> float:
-        return self.best.tpr_upper
-
-
-# --- computations ---------------------------------------------------------------------------
 
 
 def _warn_delta(delta: float | None, dataset_size: int | None) -> None:
@@ -280,22 +86,39 @@ def _warn_delta(delta: float | None, dataset_size: int | None) -> None:
         )
 
 
+def _rate(params: _Params) -> dict[str, Any]:
+    """The sampling-rate inputs of a report: ``q`` and the sizes it came from, if any."""
+    return {
+        "sample_rate": params.q,
+        "dataset_size": params.dataset_size,
+        "batch_size": params.batch_size,
+    }
+
+
+def _length(params: EpsilonParams | NoiseParams | RiskParams) -> dict[str, Any]:
+    """The training-length inputs of a report: the step count and the epochs, if given."""
+    return {"steps": params.num_steps, "epochs": params.epochs}
+
+
+# --- epsilon ---------------------------------------------------------------------------------
+
+
 def _epsilon_bound(
-    accountant: Accountant,
-    *,
-    sample_rate: float,
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    conversion: str,
-    relation: str,
+    accountant: Accountant, params: _GuaranteeParams, *, noise_multiplier: float, steps: int
 ) -> EpsilonBound:
+    """One accountant's guarantee for ``steps`` steps at (``params.q``, ``noise_multiplier``),
+    as a :class:`~maskdp.accounting.ledger.PrivacyLedger` of them reports it."""
     from maskdp.accounting.ledger import PrivacyLedger
 
     ledger = PrivacyLedger()
-    ledger.record(sample_rate, noise_multiplier, steps=steps)
-    result = ledger.report(delta, accountant=accountant, conversion=conversion, relation=relation)
-    return _READERS[accountant](result, delta=delta, conversion=conversion)
+    ledger.record(params.q, noise_multiplier, steps=steps)
+    result = ledger.report(
+        params.delta,
+        accountant=accountant,
+        conversion=params.conversion,
+        relation=params.relation,
+    )
+    return _READERS[accountant](result, delta=params.delta, conversion=params.conversion)
 
 
 def _read_rdp(result: Any, *, delta: float, conversion: str) -> EpsilonBound:
@@ -321,7 +144,7 @@ def _read_prv(result: Any, *, delta: float, conversion: str) -> EpsilonBound:
     )
 
 
-_READERS = {"rdp": _read_rdp, "prv": _read_prv}
+_READERS: dict[Accountant, Callable[..., EpsilonBound]] = {"rdp": _read_rdp, "prv": _read_prv}
 
 
 def epsilon_report(params: EpsilonParams) -> EpsilonReport:
@@ -329,160 +152,136 @@ def epsilon_report(params: EpsilonParams) -> EpsilonReport:
     _warn_delta(params.delta, params.dataset_size)
     results = tuple(
         _epsilon_bound(
-            accountant,
-            sample_rate=params.q,
-            noise_multiplier=params.noise_multiplier,
-            steps=params.num_steps,
-            delta=params.delta,
-            conversion=params.conversion,
-            relation=params.relation,
+            accountant, params, noise_multiplier=params.noise_multiplier, steps=params.num_steps
         )
         for accountant in params.accountants
     )
     return EpsilonReport(
         accountant=params.accountant,
         results=results,
-        sample_rate=params.q,
-        steps=params.num_steps,
+        **_rate(params),
+        **_length(params),
         noise_multiplier=params.noise_multiplier,
         delta=params.delta,
         relation=params.relation,
-        dataset_size=params.dataset_size,
-        batch_size=params.batch_size,
-        epochs=params.epochs,
+    )
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+def _noise_result(accountant: Accountant, params: NoiseParams) -> NoiseResult:
+    """One accountant's smallest certified noise and the epsilon it achieves."""
+    from maskdp.accounting.calibration import calibrate_noise
+
+    sigma = calibrate_noise(
+        params.target_epsilon,
+        params.delta,
+        sample_rate=params.q,
+        steps=params.num_steps,
+        accountant=accountant,
+        conversion=params.conversion,
+        relation=params.relation,
+    )
+    achieved = _epsilon_bound(accountant, params, noise_multiplier=sigma, steps=params.num_steps)
+    return NoiseResult(
+        accountant=accountant,
+        noise_multiplier=_finite(sigma, "the noise multiplier"),
+        epsilon=achieved.epsilon,
+        conversion=achieved.conversion,
     )
 
 
 def noise_report(params: NoiseParams) -> NoiseReport:
     """The smallest noise multiplier whose epsilon at ``delta`` is at most the target."""
-    from maskdp.accounting.calibration import calibrate_noise
-
     _warn_delta(params.delta, params.dataset_size)
-    results = []
-    for accountant in params.accountants:
-        sigma = calibrate_noise(
+    results = tuple(_noise_result(accountant, params) for accountant in params.accountants)
+    return NoiseReport(
+        accountant=params.accountant,
+        results=results,
+        **_rate(params),
+        **_length(params),
+        target_epsilon=params.target_epsilon,
+        delta=params.delta,
+        relation=params.relation,
+    )
+
+
+def _steps_result(accountant: Accountant, params: StepsParams) -> StepsResult:
+    """One accountant's largest certified step count, its epochs and its epsilon."""
+    from maskdp.accounting.calibration import max_steps
+
+    steps = int(
+        max_steps(
             params.target_epsilon,
             params.delta,
             sample_rate=params.q,
-            steps=params.num_steps,
+            noise_multiplier=params.noise_multiplier,
             accountant=accountant,
             conversion=params.conversion,
             relation=params.relation,
         )
-        achieved = _epsilon_bound(
-            accountant,
-            sample_rate=params.q,
-            noise_multiplier=sigma,
-            steps=params.num_steps,
-            delta=params.delta,
-            conversion=params.conversion,
-            relation=params.relation,
-        )
-        results.append(
-            NoiseResult(
-                accountant=accountant,
-                noise_multiplier=_finite(sigma, "the noise multiplier"),
-                epsilon=achieved.epsilon,
-                conversion=achieved.conversion,
-            )
-        )
-    return NoiseReport(
-        accountant=params.accountant,
-        results=tuple(results),
-        sample_rate=params.q,
-        steps=params.num_steps,
-        target_epsilon=params.target_epsilon,
-        delta=params.delta,
-        relation=params.relation,
-        dataset_size=params.dataset_size,
-        batch_size=params.batch_size,
-        epochs=params.epochs,
+    )
+    achieved = _epsilon_bound(
+        accountant, params, noise_multiplier=params.noise_multiplier, steps=steps
+    )
+    return StepsResult(
+        accountant=accountant,
+        steps=steps,
+        epochs=steps * params.q,
+        epsilon=achieved.epsilon,
+        conversion=achieved.conversion,
     )
 
 
 def steps_report(params: StepsParams) -> StepsReport:
     """The largest number of steps whose epsilon at ``delta`` is at most the target."""
-    from maskdp.accounting.calibration import max_steps
-
     _warn_delta(params.delta, params.dataset_size)
-    results = []
-    for accountant in params.accountants:
-        steps = int(
-            max_steps(
-                params.target_epsilon,
-                params.delta,
-                sample_rate=params.q,
-                noise_multiplier=params.noise_multiplier,
-                accountant=accountant,
-                conversion=params.conversion,
-                relation=params.relation,
-            )
-        )
-        achieved = _epsilon_bound(
-            accountant,
-            sample_rate=params.q,
-            noise_multiplier=params.noise_multiplier,
-            steps=steps,
-            delta=params.delta,
-            conversion=params.conversion,
-            relation=params.relation,
-        )
-        results.append(
-            StepsResult(
-                accountant=accountant,
-                steps=steps,
-                epochs=steps * params.q,
-                epsilon=achieved.epsilon,
-                conversion=achieved.conversion,
-            )
-        )
+    results = tuple(_steps_result(accountant, params) for accountant in params.accountants)
     return StepsReport(
         accountant=params.accountant,
-        results=tuple(results),
-        sample_rate=params.q,
+        results=results,
+        **_rate(params),
         noise_multiplier=params.noise_multiplier,
         target_epsilon=params.target_epsilon,
         delta=params.delta,
         relation=params.relation,
-        dataset_size=params.dataset_size,
-        batch_size=params.batch_size,
+    )
+
+
+# --- risk ------------------------------------------------------------------------------------
+
+
+def _risk_bound(accountant: Accountant, params: RiskParams) -> RiskBound:
+    """One accountant's bounds on the attacker's TPR at ``fpr`` and advantage."""
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.risk import attack_risk
+
+    event = PoissonGaussianEvent(
+        sample_rate=params.q, noise_multiplier=params.noise_multiplier, steps=params.num_steps
+    )
+    risk = attack_risk([event], fpr=params.fpr, delta=params.delta, accountant=accountant)
+    return RiskBound(
+        accountant=accountant,
+        tpr_upper=_finite(risk.tpr_upper, "the TPR bound"),
+        advantage_upper=_finite(risk.advantage_upper, "the advantage bound"),
+        epsilon=None if risk.epsilon is None else _finite(risk.epsilon, "epsilon"),
+        delta=None if risk.delta is None else _finite(risk.delta, "delta"),
     )
 
 
 def risk_report(params: RiskParams) -> RiskReport:
     """Bounds on a membership attacker's TPR at ``fpr`` (hypothesis-testing view of DP)."""
-    from maskdp.accounting.events import PoissonGaussianEvent
-    from maskdp.accounting.risk import attack_risk
-
     _warn_delta(params.delta, params.dataset_size)
-    event = PoissonGaussianEvent(
-        sample_rate=params.q, noise_multiplier=params.noise_multiplier, steps=params.num_steps
-    )
-    results = []
-    for accountant in params.accountants:
-        risk = attack_risk([event], fpr=params.fpr, delta=params.delta, accountant=accountant)
-        epsilon = getattr(risk, "epsilon", None)
-        delta = getattr(risk, "delta", None)
-        results.append(
-            RiskBound(
-                accountant=accountant,
-                tpr_upper=_finite(risk.tpr_upper, "the TPR bound"),
-                advantage_upper=_finite(risk.advantage_upper, "the advantage bound"),
-                epsilon=None if epsilon is None else _finite(epsilon, "epsilon"),
-                delta=None if delta is None else _finite(delta, "delta"),
-            )
-        )
+    results = tuple(_risk_bound(accountant, params) for accountant in params.accountants)
     return RiskReport(
         accountant=params.accountant,
-        results=tuple(results),
-        sample_rate=params.q,
-        steps=params.num_steps,
+        results=results,
+        **_rate(params),
+        **_length(params),
         noise_multiplier=params.noise_multiplier,
         fpr=params.fpr,
         delta=params.delta,
-        dataset_size=params.dataset_size,
-        batch_size=params.batch_size,
-        epochs=params.epochs,
     )
 
 

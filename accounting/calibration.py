@@ -10,11 +10,12 @@ most* the target, never merely the closest one:
   :math:`\varepsilon(n + 1) >` target.
 
 Epsilon is the guarantee of the chosen accountant (RDP: its bound; PRV: the upper bound),
-non-increasing in sigma and non-decreasing in steps. :func:`_solve` brackets the target from
-a starting guess (secant extrapolation, growing strides), then shrinks the bracket by
-Illinois regula falsi on :math:`\log\varepsilon` (nearly linear in log sigma and in log
-steps), probing one tolerance step inside the bracket whenever a proposal lands that close:
-5-8 evaluations for RDP. For PRV, the start comes from the RDP answer refined on a coarse
+non-increasing in sigma and non-decreasing in steps.
+:func:`~maskdp.accounting.search.safe_root` brackets the target from a starting guess
+(secant extrapolation, growing strides), then shrinks the bracket by Illinois regula falsi
+on :math:`\log\varepsilon` (nearly linear in log sigma and in log steps), probing one
+tolerance step inside the bracket whenever a proposal lands that close: 5-8 evaluations for
+RDP. For PRV, the start comes from the RDP answer refined on a coarse
 PRV grid (``eps_error`` 0.1, about ten times cheaper); usually only the last two or three
 evaluations use the requested precision. With PRV the upper bound is at least ``eps_error``
 (0.01), so targets below that are out of reach.
@@ -25,15 +26,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import cast
 
 import numpy as np
 from maskdp.accounting import _validate
-from maskdp.accounting.conversions import CONVERSIONS, Conversion, _minimise
+from maskdp.accounting.choices import ACCOUNTANTS, CONVERSIONS, Accountant, Conversion
+from maskdp.accounting.conversions import _minimise
 from maskdp.accounting.errors import CalibrationError
 from maskdp.accounting.events import PoissonGaussianEvent
-from maskdp.accounting.ledger import ACCOUNTANTS, Accountant, _rdp_substitute, account
-from maskdp.accounting.prv import PRVCurve, default_eps_error
+from maskdp.accounting.ledger import _rdp_substitute, account
+from maskdp.accounting.prv import PRVCurve, PRVResult, default_eps_error
+from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting.search import largest_feasible, safe_root
+
+__all__ = ["PRV_EPS_ERROR", "SIGMA_MAX", "SIGMA_MIN", "STEPS_MAX", "calibrate_noise", "max_steps"]
 
 SIGMA_MIN = 0.05
 SIGMA_MAX = 1e4
@@ -43,99 +52,32 @@ PRV_EPS_ERROR = 0.01
 _COARSE_EPS_ERROR = 0.1
 _COARSE_MARGIN = 0.001
 
-
-# ------------------------------------------------------------------------------ solver
-
-
-def _solve(
-    g: Callable[[float], float],
-    x0: float,
-    *,
-    step: float,
-    stride: float,
-    lo: float,
-    hi: float,
-    feasible_up: bool,
-    integer: bool,
-    at_limit: Callable[[bool], CalibrationError],
-) -> float:
-    """The feasible end of a bracket of width <= ``step`` around the root of ``g``.
-
-    ``g(x) <= 0`` is feasible; feasibility holds above the root when ``feasible_up`` (sigma)
-    and below it otherwise (steps). ``at_limit(feasible)`` builds the error raised when the
-    bracketing reaches ``lo``/``hi`` without changing status.
-    """
-    sign = 1.0 if feasible_up else -1.0  # direction from infeasible to feasible
-
-    def clamp(x: float) -> float:
-        x = min(max(x, lo), hi)
-        return float(round(x)) if integer else x
-
-    x, gx = x0, g(x0)
-    prev: tuple[float, float] | None = None
-    while True:
-        towards = sign if gx > 0 else -sign  # where the other status lies
-        move = stride
-        if prev is not None and prev[1] != gx:
-            secant = abs(gx * (x - prev[0]) / (gx - prev[1])) * 1.2
-            move = min(max(secant, step), 8.0 * abs(x - prev[0]))
-        x_new = clamp(x + towards * move)
-        if x_new == x:
-            raise at_limit(gx <= 0)
-        g_new = g(x_new)
-        if (g_new <= 0) != (gx <= 0):
-            break
-        prev, x, gx, stride = (x, gx), x_new, g_new, stride * 2.0
-    if gx <= 0:
-        feasible, g_f, infeasible, g_i = x, gx, x_new, g_new
-    else:
-        feasible, g_f, infeasible, g_i = x_new, g_new, x, gx
-    return _shrink(g, feasible, g_f, infeasible, g_i, step, integer)
+_Search = Callable[..., float]  # safe_root with the limits of one problem bound
 
 
-def _shrink(
-    g: Callable[[float], float],
-    feasible: float,
-    g_f: float,
-    infeasible: float,
-    g_i: float,
-    step: float,
-    integer: bool,
-) -> float:
-    """Illinois regula falsi on the bracket (geometric positions for integers), plus a probe
-    one ``step`` inside the bracket whenever the next proposal would land that close."""
+# ------------------------------------------------------------------------------- the goal
 
-    def open_width() -> bool:
-        return abs(infeasible - feasible) > step * (1.0 + 1e-9)
 
-    def propose(w_f: float, w_i: float) -> float:
-        frac = min(max(w_f / (w_f - w_i), 0.02), 0.98)
-        if not integer:
-            return feasible + frac * (infeasible - feasible)
-        c = math.exp(math.log(feasible) + frac * (math.log(infeasible) - math.log(feasible)))
-        lo, hi = sorted((feasible, infeasible))
-        return min(max(float(round(c)), lo + 1.0), hi - 1.0)
+@dataclass(frozen=True)
+class _Goal:
+    """A validated target: epsilon at most ``epsilon`` at ``delta`` (``conversion`` for RDP,
+    ``relation`` for both accountants)."""
 
-    w_f, w_i, last = g_f, g_i, ""
-    while open_width():
-        c = propose(w_f, w_i)
-        g_c = g(c)
-        if g_c <= 0:
-            feasible, g_f, w_f = c, g_c, g_c
-            w_i = w_i / 2.0 if last == "f" else w_i  # Illinois: unstick a one-sided approach
-            last = "f"
-        else:
-            infeasible, g_i, w_i = c, g_c, g_c
-            w_f = w_f / 2.0 if last == "i" else w_f
-            last = "i"
-        if open_width() and abs(propose(w_f, w_i) - c) <= step:
-            probe = c + math.copysign(step, (infeasible if c == feasible else feasible) - c)
-            g_p = g(probe)
-            if g_p <= 0:
-                feasible, g_f, w_f = probe, g_p, g_p
-            else:
-                infeasible, g_i, w_i = probe, g_p, g_p
-    return feasible
+    epsilon: float
+    delta: float
+    conversion: str
+    relation: Relation
+
+
+def _check_common(
+    target_epsilon: float, delta: float, accountant: str, conversion: str, relation: Relation | str
+) -> tuple[str, _Goal]:
+    """The accountant's name and the goal, validated (in the order of the signature)."""
+    target = _validate.positive("target_epsilon", target_epsilon)
+    d = _validate.open_unit("delta", delta)
+    name = _validate.choice("accountant", accountant, ACCOUNTANTS)
+    conv = _validate.choice("conversion", conversion, CONVERSIONS)
+    return name, _Goal(target, d, conv, parse_relation(relation))
 
 
 def _gap(value: float, goal: float) -> float:
@@ -147,30 +89,30 @@ def _gap(value: float, goal: float) -> float:
     return value - goal
 
 
-# ------------------------------------------------------------------------------- epsilon
-
-
-def _check_common(
-    target_epsilon: float, delta: float, accountant: str, conversion: str, relation: Relation | str
-) -> tuple[float, float, str, str, Relation]:
-    return (
-        _validate.positive("target_epsilon", target_epsilon),
-        _validate.open_unit("delta", delta),
-        _validate.choice("accountant", accountant, ACCOUNTANTS),
-        _validate.choice("conversion", conversion, CONVERSIONS),
-        parse_relation(relation),
-    )
-
-
-def _rdp_epsilon(rdp: np.ndarray, delta: float, conversion: str, relation: Relation) -> float:
+def _rdp_epsilon(rdp: np.ndarray, goal: _Goal) -> float:
     """RDP guarantee of a whole RDP curve on DEFAULT_ORDERS (edge warnings silenced)."""
-    from maskdp.accounting.rdp import DEFAULT_ORDERS
-
-    if relation is Relation.SUBSTITUTE:
-        return _rdp_substitute(rdp, delta, conversion)[0]
+    if goal.relation is Relation.SUBSTITUTE:
+        return _rdp_substitute(rdp, goal.delta, goal.conversion)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _minimise(DEFAULT_ORDERS, rdp, delta, conversion).epsilon
+        return _minimise(DEFAULT_ORDERS, rdp, goal.delta, goal.conversion).epsilon
+
+
+def _prv_result(
+    q: float, sigma: float, steps: int, goal: _Goal, eps_error: float | None
+) -> PRVResult:
+    """The PRV result of ``steps`` steps at (q, sigma), as the ledger computes it
+    (``eps_error=None``: the ledger's default precision)."""
+    event = PoissonGaussianEvent(q, sigma, steps)
+    result = account(
+        [event],
+        goal.delta,
+        accountant="prv",
+        conversion=goal.conversion,
+        relation=goal.relation,
+        eps_error=eps_error,
+    )
+    return cast(PRVResult, result)
 
 
 def _sigma_error(target: float) -> Callable[[bool], CalibrationError]:
@@ -220,62 +162,55 @@ def calibrate_noise(
     Raises CalibrationError when even ``SIGMA_MAX`` misses the target, or when ``SIGMA_MIN``
     already meets it (noise is then not what limits privacy).
     """
-    target, d, name, conv, rel = _check_common(
-        target_epsilon, delta, accountant, conversion, relation
-    )
+    name, goal = _check_common(target_epsilon, delta, accountant, conversion, relation)
     q = _validate.sample_rate("sample_rate", sample_rate)
     n = _validate.count("steps", steps)
     step = math.log1p(_validate.positive("tolerance", tolerance))
-    limits = {
-        "lo": math.log(SIGMA_MIN),
-        "hi": math.log(SIGMA_MAX),
-        "feasible_up": True,
-        "integer": False,
-    }
-    at_limit = _sigma_error(target)
-
-    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
-
-    def g_rdp(x: float) -> float:
-        rdp = n * rdp_poisson_gaussian(q, math.exp(x), DEFAULT_ORDERS)
-        return _gap(_rdp_epsilon(rdp, d, conv, rel), target)
-
-    x_rdp = _solve(g_rdp, 0.0, step=step, stride=math.log(2.0), at_limit=at_limit, **limits)
+    search = partial(
+        safe_root,
+        step=step,
+        lo=math.log(SIGMA_MIN),
+        hi=math.log(SIGMA_MAX),
+        feasible_up=True,
+        integer=False,
+        at_limit=_sigma_error(goal.epsilon),
+    )
+    x_rdp = _log_sigma_rdp(q, n, goal, search)
     if name == "rdp":
         return math.exp(x_rdp)
+    return math.exp(_log_sigma_prv(q, n, goal, search, start=x_rdp, step=step))
 
-    def g_prv(eps_error: float | None, estimate: bool, goal: float) -> Callable[[float], float]:
-        def g(x: float) -> float:
-            event = PoissonGaussianEvent(q, math.exp(x), n)
-            result = account(
-                [event], d, accountant="prv", conversion=conv, relation=rel, eps_error=eps_error
-            )
-            return _gap(result.epsilon_estimate if estimate else result.epsilon_upper, goal)
 
-        return g
+def _log_sigma_rdp(q: float, n: int, goal: _Goal, search: _Search) -> float:
+    """log sigma meeting the goal under RDP, searched in log sigma from sigma = 1."""
+
+    def g(x: float) -> float:
+        rdp = n * rdp_poisson_gaussian(q, math.exp(x), DEFAULT_ORDERS)
+        return _gap(_rdp_epsilon(rdp, goal), goal.epsilon)
+
+    return search(g, 0.0, stride=math.log(2.0))
+
+
+def _log_sigma_prv(
+    q: float, n: int, goal: _Goal, search: _Search, *, start: float, step: float
+) -> float:
+    """log sigma meeting the goal under PRV, searched from the RDP answer ``start`` (PRV is
+    tighter: a smaller sigma) first on a coarse grid, then at the ledger's precision."""
+
+    def g(eps_error: float | None, estimate: bool, aim: float) -> Callable[[float], float]:
+        def gap(x: float) -> float:
+            result = _prv_result(q, math.exp(x), n, goal, eps_error)
+            return _gap(result.epsilon_estimate if estimate else result.epsilon_upper, aim)
+
+        return gap
 
     # Coarse estimate aimed just inside where the fine upper bound (about estimate +
-    # eps_error) meets the target, from the RDP answer (PRV is tighter: smaller sigma).
-    x_c = _solve(
-        g_prv(_COARSE_EPS_ERROR, True, target - PRV_EPS_ERROR - _COARSE_MARGIN),
-        x_rdp,
-        step=step,
-        stride=0.05,
-        at_limit=at_limit,
-        **limits,
-    )
+    # eps_error) meets the target.
+    aim = goal.epsilon - PRV_EPS_ERROR - _COARSE_MARGIN
+    x_c = search(g(_COARSE_EPS_ERROR, True, aim), start, stride=0.05)
     # The final search uses the ledger's own default precision, so the answer is safe and
     # tight for exactly the epsilon a ledger reports.
-    return math.exp(
-        _solve(
-            g_prv(None, False, target),
-            x_c,
-            step=step,
-            stride=step,
-            at_limit=at_limit,
-            **limits,
-        )
-    )
+    return search(g(None, False, goal.epsilon), x_c, stride=step)
 
 
 # --------------------------------------------------------------------------------- steps
@@ -297,89 +232,76 @@ def max_steps(
     target (PRV: upper bounds at the ledger's default precision). Raises CalibrationError when one step
     already exceeds the target, or when more than ``STEPS_MAX`` steps meet it.
     """
-    target, d, name, conv, rel = _check_common(
-        target_epsilon, delta, accountant, conversion, relation
-    )
+    name, goal = _check_common(target_epsilon, delta, accountant, conversion, relation)
     q = _validate.sample_rate("sample_rate", sample_rate)
     sigma = _validate.positive("noise_multiplier", noise_multiplier)
-    limits = {"lo": 1.0, "hi": float(STEPS_MAX + 1), "feasible_up": False, "integer": True}
-    at_limit = _steps_error(target)
-
-    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
-
-    per_step = rdp_poisson_gaussian(q, sigma, DEFAULT_ORDERS)
-
-    def g_rdp(n: float) -> float:
-        return _gap(_rdp_epsilon(n * per_step, d, conv, rel), target)
-
-    if g_rdp(1.0) > 0:
-        raise at_limit(False)
-    n_rdp = int(_solve(g_rdp, 1.0, step=1.0, stride=1.0, at_limit=at_limit, **limits))
-    if n_rdp > STEPS_MAX:
-        raise at_limit(True)
+    at_limit = _steps_error(goal.epsilon)
+    search = partial(
+        safe_root,
+        step=1.0,
+        lo=1.0,
+        hi=float(STEPS_MAX + 1),
+        feasible_up=False,
+        integer=True,
+        at_limit=at_limit,
+    )
+    n_rdp = _steps_rdp(q, sigma, goal, search, at_limit)
     if name == "rdp":
         return n_rdp
+    return _steps_prv(q, sigma, goal, search, at_limit, start=n_rdp)
 
-    coarse = _StepsCurve(
-        q, sigma, d, conv, rel, _COARSE_EPS_ERROR, estimate=True, capacity=4 * n_rdp
-    )
-    n_c = int(
-        _solve(
-            lambda n: _gap(coarse(int(n)), target - PRV_EPS_ERROR - _COARSE_MARGIN),
-            float(n_rdp),
-            step=1.0,
-            stride=max(1.0, n_rdp / 4.0),
-            at_limit=at_limit,
-            **limits,
-        )
-    )
-    precision = default_eps_error([PoissonGaussianEvent(q, sigma, max(1, n_c))], d)
-    fine = _StepsCurve(
-        q, sigma, d, conv, rel, precision, estimate=False, capacity=int(n_c * 1.02) + 2
-    )
-    n = int(
-        _solve(
-            lambda n: _gap(fine(int(n)), target),
-            float(n_c),
-            step=1.0,
-            stride=max(1.0, n_c / 500.0),
-            at_limit=at_limit,
-            **limits,
-        )
-    )
-    if n > STEPS_MAX:
-        raise at_limit(True)
 
-    def ledger_epsilon(k: int) -> float:
-        event = PoissonGaussianEvent(q, sigma, k)
-        return account([event], d, accountant="prv", conversion=conv, relation=rel).epsilon_upper
+def _steps_rdp(
+    q: float, sigma: float, goal: _Goal, search: _Search, at_limit: Callable[[bool], Exception]
+) -> int:
+    """The largest step count meeting the goal under RDP (RDP is linear in the steps)."""
+    per_step = rdp_poisson_gaussian(q, sigma, DEFAULT_ORDERS)
 
-    # The ledger's precision depends (slightly) on the step count: settle on its answer.
-    n = _largest_within(ledger_epsilon, max(1, n), target)
-    if n == 0:
+    def g(n: float) -> float:
+        return _gap(_rdp_epsilon(n * per_step, goal), goal.epsilon)
+
+    if g(1.0) > 0:
         raise at_limit(False)
+    n = int(search(g, 1.0, stride=1.0))
     if n > STEPS_MAX:
         raise at_limit(True)
     return n
 
 
-def _largest_within(epsilon_of: Callable[[int], float], start: int, target: float) -> int:
-    """Largest n >= 0 with ``epsilon_of(n) <= target`` (non-decreasing), searched from
-    ``start`` by doubling strides and bisection (0 when even one step exceeds it)."""
-    if epsilon_of(start) <= target:
-        good, stride = start, 1
-        while good + stride <= STEPS_MAX + 1 and epsilon_of(good + stride) <= target:
-            good, stride = good + stride, 2 * stride
-        bad = good + stride
-    else:
-        bad, stride = start, 1
-        while bad - stride >= 1 and epsilon_of(bad - stride) > target:
-            bad, stride = bad - stride, 2 * stride
-        good = max(bad - stride, 0)
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if epsilon_of(mid) <= target else (good, mid)
-    return good
+def _steps_prv(
+    q: float,
+    sigma: float,
+    goal: _Goal,
+    search: _Search,
+    at_limit: Callable[[bool], Exception],
+    *,
+    start: int,
+) -> int:
+    """The largest step count meeting the goal under PRV, from the RDP answer ``start``:
+    a coarse PRV grid, then a fine one, then the ledger's own answer."""
+    coarse = _StepsCurve(q, sigma, goal, _COARSE_EPS_ERROR, estimate=True, capacity=4 * start)
+    aim = goal.epsilon - PRV_EPS_ERROR - _COARSE_MARGIN
+    n_c = int(
+        search(lambda n: _gap(coarse(int(n)), aim), float(start), stride=max(1.0, start / 4.0))
+    )
+    precision = default_eps_error([PoissonGaussianEvent(q, sigma, max(1, n_c))], goal.delta)
+    fine = _StepsCurve(q, sigma, goal, precision, estimate=False, capacity=int(n_c * 1.02) + 2)
+    n = int(
+        search(lambda n: _gap(fine(int(n)), goal.epsilon), float(n_c), stride=max(1.0, n_c / 500.0))
+    )
+    if n > STEPS_MAX:
+        raise at_limit(True)
+
+    def fits(k: int) -> bool:
+        return _prv_result(q, sigma, k, goal, None).epsilon_upper <= goal.epsilon
+
+    # The ledger's precision depends (slightly) on the step count: settle on its answer.
+    n = largest_feasible(fits, max(1, n), STEPS_MAX + 1)
+    if n == 0:
+        raise at_limit(False)
+    if n > STEPS_MAX:
+        raise at_limit(True)
+    return n
 
 
 class _StepsCurve:
@@ -393,16 +315,14 @@ class _StepsCurve:
         self,
         q: float,
         sigma: float,
-        delta: float,
-        conversion: str,
-        relation: Relation,
+        goal: _Goal,
         eps_error: float,
         *,
         estimate: bool,
         capacity: int,
     ) -> None:
-        self.q, self.sigma, self.delta = q, sigma, delta
-        self.conversion, self.relation, self.eps_error = conversion, relation, eps_error
+        self.q, self.sigma, self.delta = q, sigma, goal.delta
+        self.conversion, self.relation, self.eps_error = goal.conversion, goal.relation, eps_error
         self.pick = 1 if estimate else 2
         self.capacity = max(1, capacity)
         self._curve: PRVCurve | None = None
@@ -413,8 +333,6 @@ class _StepsCurve:
             delta_error = self.delta / 1000.0
             if self.relation is Relation.SUBSTITUTE:
                 # The search visits erase deltas near the RDP one (RDP overestimates epsilon).
-                from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
-
                 rdp = size * rdp_poisson_gaussian(self.q, self.sigma, DEFAULT_ORDERS)
                 d_rdp = _rdp_substitute(rdp, self.delta, self.conversion)[1]
                 delta_error = (d_rdp if d_rdp > 0 else self.delta * 1e-9) / 1000.0

@@ -18,12 +18,14 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from maskdp.accounting import api
+from maskdp.accounting.choices import CONVERSIONS, RELATIONS
 from maskdp.accounting.params import (
     DEFAULT_DELTA,
+    AccountantChoice,
     EpsilonParams,
     NoiseParams,
     RiskParams,
@@ -140,7 +142,7 @@ AccountantOpt = Annotated[
     str | None,
     typer.Option(
         "--accountant",
-        metavar="rdp|prv|all",
+        metavar="|".join(get_args(AccountantChoice)),
         help="RDP (fast), PRV (tight, numerical) or both.",
         show_default="rdp",
         rich_help_panel=_PRIVACY,
@@ -150,7 +152,7 @@ ConversionOpt = Annotated[
     str | None,
     typer.Option(
         "--conversion",
-        metavar="hypothesis-test|classic",
+        metavar="|".join(CONVERSIONS),
         help="RDP to (eps, delta) conversion: Balle et al. 2020 or Mironov 2017.",
         show_default="hypothesis-test",
         rich_help_panel=_PRIVACY,
@@ -160,7 +162,7 @@ RelationOpt = Annotated[
     str | None,
     typer.Option(
         "--relation",
-        metavar="erase|substitute",
+        metavar="|".join(RELATIONS),
         help="Masked adjacency: sensitive content erased, or substituted (group of 2).",
         show_default="erase",
         rich_help_panel=_PRIVACY,

@@ -21,17 +21,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from maskdp.accounting import _validate
+from maskdp.accounting.choices import CONVERSIONS, Conversion
 from maskdp.accounting.errors import InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent
 from maskdp.accounting.rdp import DEFAULT_ORDERS, MAX_ORDER, rdp_of_events
 from numpy.typing import ArrayLike
-
-Conversion = Literal["hypothesis-test", "classic"]
-CONVERSIONS: tuple[str, ...] = ("hypothesis-test", "classic")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""Privacy events: what a training run did, as data (accountants interpret it).
+r"""Privacy events: what a training run did, as data (accountants interpret it).
 
 An event is a small frozen record; it is validated on construction, so an invalid event
-never exists.
+never exists. :func:`merge_events` is the one place where events of the same mechanism are
+combined, for the ledger, the RDP and the PRV accountants.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,3 +67,35 @@ class PoissonGaussianEvent:
                 f"missing {missing}, unexpected {extra}"
             )
         return cls(d["sample_rate"], d["noise_multiplier"], d.get("steps", 1))
+
+
+def merge_events(
+    events: Iterable[PoissonGaussianEvent], *, adjacent_only: bool = False, name: str = "events"
+) -> tuple[PoissonGaussianEvent, ...]:
+    r"""``events`` with the steps of equal (q, sigma) summed into one event, first seen first.
+
+    Composing a mechanism :math:`n` times and then :math:`m` times is its
+    :math:`(n + m)`-fold composition, and composition is commutative (RDP: Mironov 2017,
+    Prop. 1; PRV: a convolution, Gopi et al. 2021), so merging changes no guarantee; it lets
+    an accountant evaluate each mechanism once. With ``adjacent_only`` only runs of
+    consecutive equal events merge, which keeps the order of a ledger's history.
+
+    Raises:
+        InvalidParameterError: an item is not a :class:`PoissonGaussianEvent` (``name``
+            names the sequence in the message).
+    """
+    merged: list[PoissonGaussianEvent] = []
+    position: dict[tuple[float, float], int] = {}
+    for event in events:
+        if not isinstance(event, PoissonGaussianEvent):
+            raise InvalidParameterError(
+                f"{name} must be PoissonGaussianEvent instances, got {type(event).__name__}"
+            )
+        key = (event.sample_rate, event.noise_multiplier)
+        at = position.get(key)
+        if at is not None and (not adjacent_only or at == len(merged) - 1):
+            merged[at] = PoissonGaussianEvent(*key, merged[at].steps + event.steps)
+        else:
+            position[key] = len(merged)
+            merged.append(event)
+    return tuple(merged)

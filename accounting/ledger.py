@@ -16,16 +16,18 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from maskdp.accounting import _validate
-from maskdp.accounting.conversions import CONVERSIONS, Conversion, EpsilonResult, _minimise
-from maskdp.accounting.errors import AccountingError, InvalidParameterError
-from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.choices import ACCOUNTANTS, CONVERSIONS, Accountant, Conversion
+from maskdp.accounting.conversions import EpsilonResult, _minimise
+from maskdp.accounting.errors import AccountingError
+from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.prv import PRVResult, curve_for, default_eps_error
 from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
 
-Accountant = Literal["rdp", "prv"]
+__all__ = ["ACCOUNTANTS", "FORMAT", "FORMAT_VERSION", "PrivacyLedger", "account", "guarantee"]
+
 FORMAT = "maskdp-privacy-ledger"
 FORMAT_VERSION = 1
 
@@ -98,8 +100,10 @@ def _prv(
     return PRVResult(2.0 * lower, 2.0 * estimate, eps, delta)
 
 
-_ACCOUNTANTS: dict[str, Callable[..., EpsilonResult | PRVResult]] = {"rdp": _rdp, "prv": _prv}
-ACCOUNTANTS: tuple[str, ...] = tuple(_ACCOUNTANTS)
+_ACCOUNTANTS: dict[Accountant, Callable[..., EpsilonResult | PRVResult]] = {
+    "rdp": _rdp,
+    "prv": _prv,
+}
 
 
 def account(
@@ -142,22 +146,8 @@ def guarantee(result: EpsilonResult | PRVResult) -> float:
 
 
 def _merged(segments: Iterable[PoissonGaussianEvent]) -> tuple[PoissonGaussianEvent, ...]:
-    out: list[PoissonGaussianEvent] = []
-    for seg in segments:
-        if not isinstance(seg, PoissonGaussianEvent):
-            raise InvalidParameterError(
-                f"segments must be PoissonGaussianEvent instances, got {type(seg).__name__}"
-            )
-        if out and (out[-1].sample_rate, out[-1].noise_multiplier) == (
-            seg.sample_rate,
-            seg.noise_multiplier,
-        ):
-            last = out.pop()
-            seg = PoissonGaussianEvent(
-                last.sample_rate, last.noise_multiplier, last.steps + seg.steps
-            )
-        out.append(seg)
-    return tuple(out)
+    """Consecutive segments with equal (q, sigma) merged (the history keeps its order)."""
+    return merge_events(segments, adjacent_only=True, name="segments")
 
 
 class PrivacyLedger:

@@ -22,8 +22,16 @@ exact (rational), so ``N = 60000, B = 600, E = 3`` gives exactly 300 steps and
 import math
 from collections.abc import Mapping
 from fractions import Fraction
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
+from maskdp.accounting.choices import (
+    ACCOUNTANTS,
+    CONVERSIONS,
+    RELATIONS,
+    Accountant,
+    Conversion,
+    RelationName,
+)
 from maskdp.accounting.errors import InvalidParameterError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -31,13 +39,9 @@ from pydantic_core import PydanticCustomError
 DEFAULT_DELTA = 1e-5
 """Default target delta: the usual choice for datasets of up to ~10^5 records (delta < 1/N)."""
 
-Accountant = Literal["rdp", "prv"]
-AccountantChoice = Literal["rdp", "prv", "all"]
-Conversion = Literal["hypothesis-test", "classic"]
-Relation = Literal["erase", "substitute"]
+AccountantChoice = Literal[Accountant, Literal["all"]]
+"""An accountant, or ``"all"`` for every one of them (resolved by ``_Choice.accountants``)."""
 Spelling = Literal["python", "cli"]
-
-ACCOUNTANTS: tuple[Accountant, ...] = ("rdp", "prv")
 
 # The rule each field obeys, as shown to the user after its name.
 _RULES: dict[str, str] = {
@@ -50,9 +54,9 @@ _RULES: dict[str, str] = {
     "target_epsilon": "must be a finite number > 0",
     "delta": "must be a number in (0, 1)",
     "fpr": "must be a number in (0, 1)",
-    "accountant": "must be one of rdp, prv, all",
-    "conversion": "must be one of hypothesis-test, classic",
-    "relation": "must be one of erase, substitute",
+    "accountant": "must be one of " + ", ".join(get_args(AccountantChoice)),
+    "conversion": "must be one of " + ", ".join(CONVERSIONS),
+    "relation": "must be one of " + ", ".join(RELATIONS),
 }
 
 
@@ -151,7 +155,7 @@ class _Choice(_Params):
 class _Conversion(_Params):
     delta: Probability = DEFAULT_DELTA
     conversion: Conversion = "hypothesis-test"
-    relation: Relation = "erase"
+    relation: RelationName = "erase"
 
 
 class EpsilonParams(_Sampling, _Choice, _Conversion):

@@ -29,7 +29,7 @@ from typing import Any
 
 from maskdp.accounting import _validate
 from maskdp.accounting.errors import AccountingError, InvalidParameterError
-from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 
 MAX_GRID = 3_000_000
 """Most PRV discretisation nodes we build, over all distinct (q, sigma): about 2 GB of
@@ -54,19 +54,6 @@ class PRVResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def merge_events(events: Sequence[PoissonGaussianEvent]) -> list[tuple[float, float, int]]:
-    """``(q, sigma, total steps)`` per distinct (q, sigma), in first-seen order."""
-    totals: dict[tuple[float, float], int] = {}
-    for event in events:
-        if not isinstance(event, PoissonGaussianEvent):
-            raise InvalidParameterError(
-                f"events must be PoissonGaussianEvent instances, got {type(event).__name__}"
-            )
-        key = (event.sample_rate, event.noise_multiplier)
-        totals[key] = totals.get(key, 0) + event.steps
-    return [(q, sigma, n) for (q, sigma), n in totals.items()]
 
 
 def _check_errors(
@@ -247,13 +234,14 @@ class _translated:
 def curve_for(
     events: Sequence[PoissonGaussianEvent], *, eps_error: float, delta_error: float
 ) -> PRVCurve | None:
-    """The PRV curve of ``events`` (None when there are no events)."""
+    """The PRV curve of ``events`` (None when there are no events); events with equal
+    (q, sigma) become one self-composition (:func:`~maskdp.accounting.events.merge_events`)."""
     merged = merge_events(events)
     if not merged:
         return None
     return PRVCurve(
-        [(q, s) for q, s, _ in merged],
-        [n for _, _, n in merged],
+        [(e.sample_rate, e.noise_multiplier) for e in merged],
+        [e.steps for e in merged],
         eps_error=eps_error,
         delta_error=delta_error,
     )

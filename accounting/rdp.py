@@ -59,7 +59,7 @@ from collections.abc import Sequence
 import numpy as np
 from maskdp.accounting import _validate
 from maskdp.accounting.errors import InvalidParameterError
-from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from numpy.typing import ArrayLike
 
 MAX_ORDER = 1e6
@@ -329,18 +329,11 @@ def rdp_of_events(
     r"""RDP of the composition of ``events``: :math:`\sum_e \text{steps}_e\, \varepsilon_e(\alpha)`.
 
     RDP composes additively (Mironov 2017, Prop. 1). Events with equal (q, sigma) are
-    evaluated once. An empty sequence gives zeros.
+    evaluated once (:func:`~maskdp.accounting.events.merge_events`). An empty sequence gives
+    zeros.
     """
     alphas = _check_orders(orders)
-    totals: dict[tuple[float, float], int] = {}
-    for event in events:
-        if not isinstance(event, PoissonGaussianEvent):
-            raise InvalidParameterError(
-                f"events must be PoissonGaussianEvent instances, got {type(event).__name__}"
-            )
-        key = (event.sample_rate, event.noise_multiplier)
-        totals[key] = totals.get(key, 0) + event.steps
     rdp = np.zeros(alphas.size)
-    for (q, sigma), steps in totals.items():
-        rdp += steps * rdp_poisson_gaussian(q, sigma, alphas)
+    for event in merge_events(events):
+        rdp += event.steps * rdp_poisson_gaussian(event.sample_rate, event.noise_multiplier, alphas)
     return rdp

@@ -41,7 +41,10 @@ from collections.abc import Callable
 from enum import Enum
 
 from maskdp.accounting import _validate
+from maskdp.accounting.choices import RELATIONS
 from maskdp.accounting.errors import AccountingError
+
+__all__ = ["RELATIONS", "Relation", "parse_relation", "substitute_epsilon"]
 
 _D_MIN = 1e-300
 
@@ -51,9 +54,6 @@ class Relation(str, Enum):
 
     ERASE = "erase"
     SUBSTITUTE = "substitute"
-
-
-RELATIONS: tuple[str, ...] = tuple(r.value for r in Relation)
 
 
 def parse_relation(relation: Relation | str) -> Relation:

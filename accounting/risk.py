@@ -26,10 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from maskdp.accounting import _validate
+from maskdp.accounting.choices import ACCOUNTANTS, Accountant
 from maskdp.accounting.errors import InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent
 
@@ -166,7 +167,7 @@ def attack_risk(
     *,
     fpr: float,
     delta: float | None = None,
-    accountant: Literal["rdp", "prv"] = "rdp",
+    accountant: Accountant = "rdp",
 ) -> RiskResult:
     r"""Upper bounds on membership-inference power against the composition of ``events``.
 
@@ -175,7 +176,7 @@ def attack_risk(
     whole privacy profile (module docstring), not only the (epsilon, delta) at ``delta``;
     ``epsilon`` reports the accountant's guarantee at ``delta`` when it is given.
     """
-    from maskdp.accounting.ledger import ACCOUNTANTS, account, guarantee
+    from maskdp.accounting.ledger import account, guarantee
 
     alpha = _validate.closed_unit("fpr", fpr)
     name = _validate.choice("accountant", accountant, ACCOUNTANTS)

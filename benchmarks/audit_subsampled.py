@@ -1,10 +1,10 @@
 """Subsampled one-step audit: the library's mechanism against the old same-batch one.
 
 The canary record's public gradient is made large (``public_scale``) and the audit's gated
-score reads the update only where that record "looks sampled" (maskdp.analysis.audit). A mechanism
-whose public term is summed over the private batch reveals whether the record was sampled,
-so subsampling amplification fails and the empirical lower bound passes the accountant's
-epsilon; with the independent public batch it must stay below.
+score reads the update only where that record "looks sampled" (maskdp.analysis.subsampled).
+A mechanism whose public term is summed over the private batch reveals whether the record
+was sampled, so subsampling amplification fails and the empirical lower bound passes the
+accountant's epsilon; with the independent public batch it must stay below.
 
     python benchmarks/audit_subsampled.py --trials 60000
 """
@@ -24,7 +24,7 @@ sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402
 
-import maskdp.analysis.audit as audit_module  # noqa: E402
+from maskdp.analysis.subsampled import subsampled_audit  # noqa: E402
 
 HEADING = "## Subsampled audit (one step, q = 0.1)"
 
@@ -42,7 +42,7 @@ def main() -> None:
         ("public term over the private batch (MaskDP 0.1)", 1.5, True),
     ):
         start = time.perf_counter()
-        result = audit_module.subsampled_audit(args.trials, sigma, same_batch=same)
+        result = subsampled_audit(args.trials, sigma, same_batch=same)
         seconds = time.perf_counter() - start
         verdict = "holds" if result.epsilon_lower_bound <= result.epsilon_theory else "BROKEN"
         row = (

@@ -86,8 +86,8 @@ class Problem:
 
 
 def build_problem(args: argparse.Namespace, model_name: str) -> Problem:
-    from maskdp.models import SmallVideoCNN, VideoViT
     from maskdp.mechanism.views import DropView, FillView
+    from maskdp.models import SmallVideoCNN, VideoViT
 
     torch.manual_seed(0)
     if model_name == "vit":

@@ -208,13 +208,13 @@ def run_spec(spec: Spec, quick: bool, root: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    from maskdp.trainer.run import Run, train
     from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import Run, train
 
     config = build_config(**{**sizes(quick), **spec.overrides})
     run_dir = Path(tempfile.mkdtemp(dir=root))
     start = time.perf_counter()
-    metrics = train(config, run_dir)
+    metrics = train(config, run_dir).to_dict()
     wall = time.perf_counter() - start
     run = Run(config, run_dir)
     run.load()
@@ -236,7 +236,7 @@ def untrained_probe(scenario: str, quick: bool) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from maskdp.analysis.leakage import identity_probe
-    from maskdp.trainer.run import build_datasets, build_model
+    from maskdp.trainer.build import build_datasets, build_model
     from maskdp.trainer.config import build_config
 
     config = build_config(**{**sizes(quick), "scenario": scenario, "mode": "nonprivate"})

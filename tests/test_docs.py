@@ -120,6 +120,7 @@ def test_check_mode_fails_on_a_stale_page(monkeypatch, capsys) -> None:
 # --- the runnable example of the quickstart ---------------------------------------------------
 
 
+@pytest.mark.slow  # a training run in a subprocess
 def test_quickstart_training_loop_runs(tmp_path: Path) -> None:
     """The Python block marked ``<!-- docs-test: run -->`` in quickstart.md runs as written."""
     text = (DOCS / "quickstart.md").read_text(encoding="utf-8")

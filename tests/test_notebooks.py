@@ -88,6 +88,7 @@ def test_committed_notebook_is_executed_without_errors(name: str) -> None:
         assert (IMG / figure).read_bytes().startswith(PNG_MAGIC), f"docs/img/{figure}"
 
 
+@pytest.mark.slow  # executes the notebook in a kernel
 @needs_jupyter
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_executes_and_draws_its_figures(name: str, tmp_path: Path) -> None:

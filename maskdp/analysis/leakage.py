@@ -1,7 +1,8 @@
 r"""Identity leakage: what an attacker learns about sensitive content from a trained model.
 
-Two attacks, each reported as an accuracy with a Clopper-Pearson interval next to its chance
-level (a uniform guess among :math:`K` identities, :math:`1/K`):
+Two attacks, each reported as an accuracy with a Clopper-Pearson interval
+(:func:`maskdp.analysis.stats.clopper_pearson`) next to its chance level (a uniform guess
+among :math:`K` identities, :math:`1/K`):
 
 - :func:`identity_probe` (the feature probe of the avatar-anonymisation literature, e.g.
   Schneider et al. 2024): freeze the model, take its penultimate features (or logits) on
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from maskdp.analysis.stats import clopper_pearson
 from maskdp.errors import InvalidInputError
 
 
@@ -56,30 +58,6 @@ class LeakageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "at_chance": self.at_chance}
-
-
-def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    r"""Exact two-sided binomial interval (Clopper and Pearson 1934) from Beta quantiles.
-
-    :math:`[B(\alpha/2; k, n - k + 1), B(1 - \alpha/2; k + 1, n - k)]`, with 0 and 1 at the
-    ends. Conservative: its coverage is at least ``confidence``.
-    """
-    if trials < 1 or not 0 <= successes <= trials:
-        raise InvalidInputError(
-            f"need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}"
-        )
-    if not 0.0 < confidence < 1.0:
-        raise InvalidInputError(f"confidence must be in (0, 1), got {confidence!r}")
-    from scipy.stats import beta
-
-    alpha = 1.0 - confidence
-    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
-    high = (
-        1.0
-        if successes == trials
-        else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
-    )
-    return low, high
 
 
 def _result(

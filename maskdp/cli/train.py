@@ -1,23 +1,116 @@
-"""``maskdp train`` and ``maskdp evaluate``: the main job on the command line.
+"""``maskdp train``, ``maskdp evaluate`` and ``maskdp export``: the main job on the command line.
 
-Torch is imported inside the commands only, so ``maskdp epsilon`` stays fast.
+The options of ``maskdp train`` that set the run are generated from the fields of
+:class:`~maskdp.trainer.config.TrainConfig` (one option each: its type, default, help and
+panel), so the command and the config cannot drift apart. Torch is imported inside the
+commands only, so ``maskdp epsilon`` and ``maskdp train --help`` stay fast.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import types
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 
 from maskdp.errors import InvalidInputError
+from maskdp.trainer.config import TrainConfig, build_config, load_config_file
 
-_RUN, _PRIVACY, _DATA, _OPT = "Run", "Privacy", "Data and model", "Optimisation"
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from maskdp.trainer.result import TrainResult
+
+_RUN, _OPT = "Run", "Optimisation"
+_FIRST = ("run_dir", "resume", "config")  # before the config's options in --help
+
+RunDir = Annotated[
+    Path | None,
+    typer.Option(help="Run directory (default: a new one under ./runs).", rich_help_panel=_RUN),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue the run in --run-dir with its ledger.", rich_help_panel=_RUN
+    ),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="JSON file of options (command-line options override it).", rich_help_panel=_RUN
+    ),
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="CPU threads of torch. Default 1: on a shared 2-core machine the default run took "
+        "2x (idle) to 6x (busy) less time on 1 thread than on 2.",
+        rich_help_panel=_OPT,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+MetricsJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+# -- options generated from TrainConfig ---------------------------------------------------------
+
+
+def _plain_type(annotation: Any) -> Any:
+    """``X`` of ``X | None``; any other annotation unchanged."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kept = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(kept) == 1:
+            return kept[0]
+    return annotation
+
+
+def config_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The ``maskdp train`` option of one TrainConfig field, with the field's default.
+
+    Literal fields become choices and bools ``--x/--no-x``; the value is validated by
+    :func:`~maskdp.trainer.config.build_config` with the rest of the config.
+    """
+    flag = name.replace("_", "-")
+    kind = _plain_type(field.annotation)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    text, metavar = field.description or "", None
+    if get_origin(kind) is Literal:  # choices in the help: a long metavar squeezes --help
+        text, metavar = f"{text} One of: {', '.join(get_args(kind))}.".strip(), "<choice>"
+    option = typer.Option(
+        f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}",
+        help=text,
+        metavar=metavar,
+        rich_help_panel=str(extra.get("group", _OPT)),
+    )
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=field.default,
+        annotation=Annotated[field.annotation, option],
+    )
+
+
+def _with_config_options(command: Any) -> Any:
+    """Give ``command`` (whose ``**options`` takes the config) one option per config field."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    named = [p for p in own if p.kind is p.KEYWORD_ONLY]  # **options goes
+    head = [p for p in named if p.name in _FIRST]
+    tail = [p for p in named if p.name not in _FIRST]
+    generated = [config_option(n, f) for n, f in TrainConfig.model_fields.items()]
+    command.__signature__ = inspect.Signature([*head, *generated, *tail], return_annotation=None)
+    return command
+
+
+# -- commands ----------------------------------------------------------------------------------
 
 
 def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
+    """A table of ``metrics``, or with ``--json`` one JSON object on stdout."""
     if as_json:
         typer.echo(json.dumps(metrics, allow_nan=False))
         return
@@ -31,166 +124,48 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
     Console().print(table)
 
 
-def train_command(
-    run_dir: Annotated[
-        Path | None,
-        typer.Option(help="Run directory (default: a new one under ./runs).", rich_help_panel=_RUN),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume", help="Continue the run in --run-dir with its ledger.", rich_help_panel=_RUN
-        ),
-    ] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            help="JSON file of options (command-line options override it).", rich_help_panel=_RUN
-        ),
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(
-            help="maskdp | dpsgd (whole clip private) | nonprivate.", rich_help_panel=_PRIVACY
-        ),
-    ] = None,
-    target_epsilon: Annotated[
-        float | None,
-        typer.Option(help="Epsilon to reach at the end (default 1.0).", rich_help_panel=_PRIVACY),
-    ] = None,
-    noise_multiplier: Annotated[
-        float | None,
-        typer.Option(
-            help="Fixed noise multiplier instead of a target epsilon.", rich_help_panel=_PRIVACY
-        ),
-    ] = None,
-    delta: Annotated[
-        float | None,
-        typer.Option(help="Delta of the guarantee (default 1e-5).", rich_help_panel=_PRIVACY),
-    ] = None,
-    max_grad_norm: Annotated[
-        float | None,
-        typer.Option(help="Clipping norm C of the private term.", rich_help_panel=_PRIVACY),
-    ] = None,
-    private_weight: Annotated[
-        float | None,
-        typer.Option(
-            help="Weight of the noisy private sum (post-processing: free).",
-            rich_help_panel=_PRIVACY,
-        ),
-    ] = None,
-    shrinkage: Annotated[
-        str | None,
-        typer.Option(
-            help="none | james-stein: shrink the noisy private sum (free).",
-            rich_help_panel=_PRIVACY,
-        ),
-    ] = None,
-    accountant: Annotated[
-        str | None, typer.Option(help="rdp | prv.", rich_help_panel=_PRIVACY)
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="vit | cnn.", rich_help_panel=_DATA)] = None,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            help="'synthetic' or a ClipFolder path with train/ and test/.", rich_help_panel=_DATA
-        ),
-    ] = None,
-    scenario: Annotated[
-        str | None, typer.Option(help="Synthetic scenario: avatar | person.", rich_help_panel=_DATA)
-    ] = None,
-    train_size: Annotated[
-        int | None, typer.Option(help="Synthetic training clips.", rich_help_panel=_DATA)
-    ] = None,
-    test_size: Annotated[
-        int | None, typer.Option(help="Synthetic test clips.", rich_help_panel=_DATA)
-    ] = None,
-    frames: Annotated[
-        int | None, typer.Option(help="Frames per synthetic clip.", rich_help_panel=_DATA)
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Height and width of synthetic clips.", rich_help_panel=_DATA)
-    ] = None,
-    view: Annotated[
-        str | None,
-        typer.Option(help="Public view: fill | random | inpaint | drop.", rich_help_panel=_DATA),
-    ] = None,
-    temporal_centering: Annotated[
-        bool | None,
-        typer.Option(
-            "--temporal-centering/--no-temporal-centering",
-            help="vit: subtract each pixel's mean over frames (static cameras).",
-            rich_help_panel=_DATA,
-        ),
-    ] = None,
-    engine: Annotated[
-        str | None,
-        typer.Option(help="auto | ghost | hooks | vmap | reference.", rich_help_panel=_OPT),
-    ] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Private epochs.", rich_help_panel=_OPT)
-    ] = None,
-    public_epochs: Annotated[
-        float | None,
-        typer.Option(help="Warm-up epochs on public views (free).", rich_help_panel=_OPT),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Expected batch size.", rich_help_panel=_OPT)
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate (AdamW).", rich_help_panel=_OPT)
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda.", rich_help_panel=_OPT)] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed of public things only (synthetic data, initial weights, random fill); "
-            "noise and sampling always draw secret OS entropy.",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
-    threads: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="CPU threads of torch. Default 1: on a shared 2-core machine the default run took 2x (idle) to 6x (busy) less time on 1 thread than on 2.",
-            rich_help_panel=_OPT,
-        ),
-    ] = 1,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the metrics as one JSON object.")
-    ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Train a video model with MaskDP (default: VideoViT on synthetic clips, epsilon 1)."""
-    options = {
-        k: v
-        for k, v in locals().items()
-        if v is not None
-        and k not in {"run_dir", "resume", "config", "as_json", "progress", "threads"}
-    }
-    from maskdp.trainer.config import build_config, load_config_file
-
+def _settings(
+    options: dict[str, Any], run_dir: Path | None, resume: bool, config: Path | None
+) -> TrainConfig:
+    """The run's config: the stored one to resume, else ``--config`` overridden by options."""
     if resume and run_dir is None:
         raise InvalidInputError("--resume needs --run-dir")
-    if resume and config is None and len(options) == 0:
-        from maskdp.trainer.run import read_config
+    if resume and config is None and not options:
+        from maskdp.trainer.rundir import read_config
 
-        settings = read_config(run_dir)
-    else:
-        base = load_config_file(config) if config is not None else {}
-        settings = build_config(**{**base, **options})
+        return read_config(run_dir)
+    base = load_config_file(config) if config is not None else {}
+    return build_config(**{**base, **options})
 
+
+@_with_config_options
+def train_command(
+    *,
+    ctx: typer.Context,
+    run_dir: RunDir = None,
+    resume: Resume = False,
+    config: ConfigFile = None,
+    threads: Threads = 1,
+    as_json: MetricsJson = False,
+    progress: Progress = True,
+    **options: Any,
+) -> None:
+    """Train a video model with MaskDP (default: VideoViT on synthetic clips, epsilon 1)."""
+    # Options left at their default do not override the --config file or the resumed config.
+    given = {n: v for n, v in options.items() if ctx.get_parameter_source(n).name == "COMMANDLINE"}
+    settings = _settings(given, run_dir, resume, config)
     import torch
 
     torch.set_num_threads(threads)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    metrics = _with_progress(settings, run_dir, resume, progress and not as_json and main)
+    result = _with_progress(settings, run_dir, resume, progress and not as_json and main)
     if main:
-        _print_metrics(metrics, as_json)
+        _print_metrics(result.to_dict(), as_json)
 
 
-def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool):
+def _with_progress(
+    settings: TrainConfig, run_dir: Path | None, resume: bool, show: bool
+) -> TrainResult:
     from maskdp.trainer.run import train
 
     if not show:
@@ -221,10 +196,10 @@ def _with_progress(settings: Any, run_dir: Path | None, resume: bool, show: bool
 
 def evaluate_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by maskdp train.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Report the test accuracy and the privacy spent of a trained run."""
-    from maskdp.trainer.run import evaluate
+    from maskdp.trainer.artifacts import evaluate
 
     _print_metrics(evaluate(run_dir), as_json)
 
@@ -232,15 +207,16 @@ def evaluate_command(
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by maskdp train.")],
     out: Annotated[Path, typer.Argument(help="Where to write the weights (must not exist).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Write the releasable weights of a run (the model's state_dict alone) to OUT."""
-    from maskdp.trainer.run import export
+    from maskdp.trainer.artifacts import export
 
     _print_metrics(export(run_dir, out), as_json)
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``train``, ``evaluate`` and ``export`` to ``app``."""
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("export")(export_command)

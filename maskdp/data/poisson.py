@@ -19,7 +19,6 @@ elements), and an empty first batch has the right dtypes and shapes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -30,7 +29,7 @@ from torch.utils.data._utils.collate import default_collate
 from maskdp.checks import check_sample_rate
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness
-from maskdp.mechanism.sampling import PoissonSampler
+from maskdp.mechanism.sampling import PoissonSampler, steps_per_epoch
 
 _REFUSED = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
 
@@ -125,7 +124,7 @@ class PoissonDataLoader(DataLoader):
         rank, world_size = _process_group(rank, world_size)
         q = check_sample_rate(sample_rate)
         if steps is None:
-            steps = math.ceil(1.0 / q)
+            steps = steps_per_epoch(q)
         refused = [k for k in _REFUSED if k in kwargs]
         if refused:
             raise InvalidInputError(
@@ -160,8 +159,8 @@ class PoissonDataLoader(DataLoader):
         """A Poisson loader over ``data_loader``'s dataset, keeping its other settings.
 
         Defaults: ``sample_rate = batch_size / len(dataset)`` (so the expected batch size is
-        the loader's ``batch_size``; capped at 1), ``steps = len(data_loader)`` (an epoch
-        has as many steps as before).
+        the loader's ``batch_size``; capped at 1), ``steps``: a Poisson loader's own, else
+        one epoch (:func:`~maskdp.mechanism.sampling.steps_per_epoch` of the rate).
         """
         if not isinstance(data_loader, DataLoader):
             raise InvalidInputError(
@@ -180,7 +179,9 @@ class PoissonDataLoader(DataLoader):
         return cls(
             data_loader.dataset,
             sample_rate=sample_rate,
-            steps=len(data_loader) if steps is None else steps,
+            steps=len(data_loader)
+            if steps is None and isinstance(data_loader, PoissonDataLoader)
+            else steps,
             collate_fn=data_loader.collate_fn,
             randomness=randomness,
             rank=rank,

@@ -45,6 +45,9 @@ Generation is lazy and deterministic: item ``i`` is drawn from its own generator
 information about the action. Train and test sets (``train=False``) use disjoint streams
 from the same distribution; the identity prototypes come from ``world_seed``, shared by
 both.
+
+Textures live in :mod:`maskdp.data.textures`, the geometry (paths, silhouettes, masks) in
+:mod:`maskdp.data.scenes`; this module draws and composes them.
 """
 
 from __future__ import annotations
@@ -59,7 +62,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from maskdp.checks import check_bool, check_choice, check_count, check_int_in
+from maskdp.data.scenes import sensitive_mask, silhouette, trajectory
+from maskdp.data.textures import ROLES, Texture, random_texture
 from maskdp.errors import InvalidInputError
+
+__all__ = [
+    "ACTIONS",
+    "MASK_KINDS",
+    "SCENARIOS",
+    "RenderedClip",
+    "SyntheticPrivateActions",
+    "identity_textures",
+]
 
 ACTIONS: tuple[str, ...] = ("right", "left", "down", "up", "circle", "zoom")
 SCENARIOS: tuple[str, ...] = ("avatar", "person")
@@ -68,51 +83,6 @@ MASK_KINDS: tuple[str, ...] = ("exact", "box", "track")
 # Tags that keep the seeded streams apart (numpy pads short entropy lists with zeros, so
 # every stream uses four words with a distinct first word).
 _ITEM, _LABELS, _WORLD = 1, 2, 3
-
-
-@dataclass(frozen=True, eq=False)
-class Texture:
-    """Stripes ``colour + amplitude * weights * cos(2 pi f (u cos t + v sin t) + phase)``.
-
-    ``frequency`` is in cycles per pixel; ``colour`` and ``weights`` have one entry per
-    channel.
-    """
-
-    colour: np.ndarray
-    weights: np.ndarray
-    theta: float
-    frequency: float
-    amplitude: float
-
-    def draw(self, u: np.ndarray, v: np.ndarray, phase: float) -> np.ndarray:
-        """Texture values (C, *u.shape) at pixel offsets ``u`` (x) and ``v`` (y)."""
-        arg = u * math.cos(self.theta) + v * math.sin(self.theta)
-        wave = np.cos(2.0 * math.pi * self.frequency * arg + phase).astype(np.float32)
-        shape = (-1,) + (1,) * wave.ndim
-        return self.colour.reshape(shape) + self.amplitude * self.weights.reshape(shape) * wave
-
-
-# Colour and stripe-amplitude ranges per role: actors are brighter than backgrounds on
-# average, so the actor stands out with a consistent sign of contrast (a first-order motion
-# signal) whatever the identity.
-ROLES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "background": ((0.15, 0.5), (0.12, 0.2)),
-    "actor": ((0.6, 0.9), (0.08, 0.12)),
-}
-
-
-def _random_texture(rng: np.random.Generator, channels: int, size: int, role: str) -> Texture:
-    """A texture for ``role``; the same draws give the same pattern scaled to each role."""
-    (c_lo, c_hi), (a_lo, a_hi) = ROLES[role]
-    weights = rng.uniform(-1.0, 1.0, channels)
-    weights /= max(np.abs(weights).max(), 1e-6)
-    return Texture(
-        colour=(c_lo + (c_hi - c_lo) * rng.uniform(0.0, 1.0, channels)).astype(np.float32),
-        weights=weights.astype(np.float32),
-        theta=float(rng.uniform(0.0, math.pi)),
-        frequency=float(rng.uniform(3.0, 6.0)) / size,
-        amplitude=a_lo + (a_hi - a_lo) * float(rng.uniform(0.0, 1.0)),
-    )
 
 
 def identity_textures(
@@ -132,7 +102,7 @@ def identity_textures(
     """
     rng = np.random.default_rng([_WORLD, world_seed, channels, image_size])
     families = [
-        _random_texture(rng, channels, image_size, role) for _ in range(-(-num_identities // 2))
+        random_texture(rng, channels, image_size, role) for _ in range(-(-num_identities // 2))
     ]
     textures = []
     for k in range(num_identities):
@@ -159,19 +129,70 @@ class RenderedClip:
     identity: int
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidInputError(f"{name} must be {bound}, got {value}")
-    return int(value)
+@dataclass(frozen=True, eq=False)
+class _Draws:
+    """Every random draw of one clip. :meth:`draw` makes them in a fixed order whatever the
+    labels, so that changing the identity changes nothing else."""
+
+    shape_kind: int
+    cx: np.ndarray
+    cy: np.ndarray
+    radius: np.ndarray
+    id_phase: float
+    id_shift: np.ndarray
+    id_contrast: float
+    plain_colour: np.ndarray
+    public_texture: Texture
+    public_phase: float
+    unit_noise: np.ndarray  # uniform in [0, 1), (C, T, H, W)
+
+    @classmethod
+    def draw(
+        cls, rng: np.random.Generator, action: str, *, channels: int, frames: int, size: int
+    ) -> _Draws:
+        shape_kind = int(rng.integers(3))
+        cx, cy, radius = trajectory(rng, action, frames=frames, size=size)
+        id_phase = float(rng.uniform(0.0, 2.0 * math.pi))
+        id_shift = rng.normal(0.0, 0.06, channels).astype(np.float32)
+        id_contrast = float(rng.uniform(0.7, 1.3))
+        (c_lo, c_hi), _ = ROLES["actor"]
+        plain_colour = rng.uniform(c_lo, c_hi, channels).astype(np.float32)
+        public_texture = random_texture(rng, channels, size, "background")
+        public_phase = float(rng.uniform(0.0, 2.0 * math.pi))
+        unit_noise = rng.random((channels, frames, size, size), dtype=np.float32)
+        return cls(
+            shape_kind,
+            cx,
+            cy,
+            radius,
+            id_phase,
+            id_shift,
+            id_contrast,
+            plain_colour,
+            public_texture,
+            public_phase,
+            unit_noise,
+        )
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return str(value)
+def _check_noise(noise: Any) -> float:
+    if (
+        isinstance(noise, bool)
+        or not isinstance(noise, (int, float))
+        or not math.isfinite(noise)
+        or noise < 0
+    ):
+        raise InvalidInputError(f"noise must be a finite number >= 0, got {noise!r}")
+    return float(noise)
+
+
+def _add_noise(scene: np.ndarray, unit_noise: np.ndarray, std: float) -> np.ndarray:
+    """``clamp(scene + eps, 0, 1)`` with eps zero-mean uniform of standard deviation ``std``
+    (``sqrt(12) * std * (u - 1/2)``, cheaper than Gaussian), in place in both arrays."""
+    unit_noise -= 0.5
+    unit_noise *= std * math.sqrt(12.0)
+    scene += unit_noise
+    return np.clip(scene, 0.0, 1.0, out=scene)
 
 
 class SyntheticPrivateActions(Dataset):
@@ -199,32 +220,23 @@ class SyntheticPrivateActions(Dataset):
         box_margin: int = 1,
         world_seed: int = 0,
     ) -> None:
-        self.size = _check_int("size", size, 0)
-        self.scenario = _check_choice("scenario", scenario, SCENARIOS)
-        self.num_classes = _check_int("num_classes", num_classes, 2, len(ACTIONS))
-        self.num_identities = _check_int("num_identities", num_identities, 1)
-        self.frames = _check_int("frames", frames, 2)
-        self.image_size = _check_int("image_size", image_size, 16)
-        self.channels = _check_int("channels", channels, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_seed = _check_int("world_seed", world_seed, 0)
-        self.box_margin = _check_int("box_margin", box_margin, 0)
-        self.mask_kind = _check_choice("mask_kind", mask_kind, MASK_KINDS)
+        self.size = check_count("size", size, 0)
+        self.scenario = check_choice("scenario", scenario, SCENARIOS)
+        self.num_classes = check_int_in("num_classes", num_classes, 2, len(ACTIONS))
+        self.num_identities = check_count("num_identities", num_identities, 1)
+        self.frames = check_count("frames", frames, 2)
+        self.image_size = check_count("image_size", image_size, 16)
+        self.channels = check_count("channels", channels, 1)
+        self.seed = check_count("seed", seed, 0)
+        self.world_seed = check_count("world_seed", world_seed, 0)
+        self.box_margin = check_count("box_margin", box_margin, 0)
+        self.mask_kind = check_choice("mask_kind", mask_kind, MASK_KINDS)
         if self.mask_kind == "track" and self.scenario != "person":
             raise InvalidInputError(
                 'mask_kind="track" hides a sensitive actor\'s motion and needs scenario="person"'
             )
-        if not isinstance(train, bool):
-            raise InvalidInputError(f"train must be a bool, got {train!r}")
-        self.train = train
-        if (
-            isinstance(noise, bool)
-            or not isinstance(noise, (int, float))
-            or not math.isfinite(noise)
-            or noise < 0
-        ):
-            raise InvalidInputError(f"noise must be a finite number >= 0, got {noise!r}")
-        self.noise = float(noise)
+        self.train = check_bool("train", train)
+        self.noise = _check_noise(noise)
         self.action_names = ACTIONS[: self.num_classes]
         self.textures = identity_textures(
             self.num_identities,
@@ -304,57 +316,24 @@ class SyntheticPrivateActions(Dataset):
         action = int(self.labels[index])
         if identity is None:
             identity = int(self.identities[index])
-        identity = _check_int("identity", identity, 0, self.num_identities - 1)
+        identity = check_int_in("identity", identity, 0, self.num_identities - 1)
         rng = np.random.default_rng([_ITEM, self.seed, int(not self.train), index])
-        channels, frames, size = self.channels, self.frames, self.image_size
-
-        shape_kind = int(rng.integers(3))
-        cx, cy, radius = self._trajectory(rng, action)
-        id_phase = float(rng.uniform(0.0, 2.0 * math.pi))
-        id_shift = rng.normal(0.0, 0.06, channels).astype(np.float32)
-        id_contrast = float(rng.uniform(0.7, 1.3))
-        (c_lo, c_hi), _ = ROLES["actor"]
-        plain_colour = rng.uniform(c_lo, c_hi, channels).astype(np.float32)
-        public_texture = _random_texture(rng, channels, size, "background")
-        public_phase = float(rng.uniform(0.0, 2.0 * math.pi))
-        noise = rng.random((channels, frames, size, size), dtype=np.float32)
-
-        dx = np.abs(self._xs - cx[:, None, None])  # (T, 1, W)
-        dy = np.abs(self._ys - cy[:, None, None])  # (T, H, 1)
-        r = radius[:, None, None]
-        if shape_kind == 0:
-            actor = np.maximum(dx, dy) <= r
-            inner = r
-        elif shape_kind == 1:
-            actor = dx * dx + dy * dy <= r * r
-            inner = r / math.sqrt(2.0)
-        else:
-            actor = dx + dy <= r
-            inner = r / 2.0
-
-        texture = self.textures[identity]
-        texture = Texture(
-            texture.colour + id_shift,
-            texture.weights,
-            texture.theta,
-            texture.frequency,
-            texture.amplitude * id_contrast,
+        draws = _Draws.draw(
+            rng, ACTIONS[action], channels=self.channels, frames=self.frames, size=self.image_size
         )
-        if self.scenario == "avatar":
-            background = texture.draw(self._xs[0], self._ys[0], id_phase)[:, None]
-            foreground = plain_colour.reshape(-1, 1, 1, 1)
-        else:
-            background = public_texture.draw(self._xs[0], self._ys[0], public_phase)[:, None]
-            foreground = texture.draw(
-                self._xs - cx[:, None, None], self._ys - cy[:, None, None], id_phase
-            )
-        scene = np.where(actor[None], foreground, background).astype(np.float32, copy=False)
-        # Zero-mean uniform noise with standard deviation `noise` (cheaper than Gaussian).
-        noise -= 0.5
-        noise *= self.noise * math.sqrt(12.0)
-        scene += noise
-        clip = np.clip(scene, 0.0, 1.0, out=scene)
-        mask = self._mask(actor, dx, dy, inner)
+        dx = np.abs(self._xs - draws.cx[:, None, None])  # (T, 1, W)
+        dy = np.abs(self._ys - draws.cy[:, None, None])  # (T, H, 1)
+        actor, inner = silhouette(draws.shape_kind, dx, dy, draws.radius[:, None, None])
+        clip = _add_noise(self._scene(draws, identity, actor), draws.unit_noise, self.noise)
+        mask = sensitive_mask(
+            actor,
+            dx,
+            dy,
+            inner,
+            scenario=self.scenario,
+            mask_kind=self.mask_kind,
+            box_margin=self.box_margin,
+        )
         return RenderedClip(
             clip=torch.from_numpy(clip),
             mask=torch.from_numpy(mask),
@@ -363,65 +342,19 @@ class SyntheticPrivateActions(Dataset):
             identity=identity,
         )
 
-    def _trajectory(
-        self, rng: np.random.Generator, action: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actor centre (x, y) and half-size per frame, kept inside the frame."""
-        frames, size = self.frames, self.image_size
-        r0 = float(rng.uniform(0.12, 0.18)) * size
-        speed_frac = float(rng.uniform(0.0, 1.0))
-        drift = float(rng.uniform(-0.25, 0.25)) * size / 32.0
-        start = rng.uniform(0.0, 1.0, 2)
-        phase = float(rng.uniform(0.0, 2.0 * math.pi))
-        t = np.arange(frames, dtype=np.float64)
-        radius = np.full(frames, r0)
-        name = ACTIONS[action]
-        if name in ("right", "left", "down", "up"):
-            # The actor crosses 60-100% of the room it has along its direction.
-            room = size - 3.0 - 2.0 * r0 - abs(drift) * (frames - 1)
-            along = (0.6 + 0.4 * speed_frac) * room * t / (frames - 1)
-            across = drift * t
-            ox, oy = {
-                "right": (along, across),
-                "left": (-along, across),
-                "down": (across, along),
-                "up": (across, -along),
-            }[name]
-        elif name == "circle":
-            ring = (0.15 + 0.08 * speed_frac) * size
-            angle = phase + 2.0 * math.pi * t / frames
-            ox, oy = ring * np.cos(angle), ring * np.sin(angle)
-        else:  # zoom: stays (small drift) and grows
-            radius = r0 * (0.7 + (0.6 + 0.4 * speed_frac) * t / (frames - 1))
-            ox, oy = drift * t, drift * t * (1.0 if phase < math.pi else -1.0)
-        lo_x, hi_x = np.max(radius - ox), np.min(size - 1.0 - radius - ox)
-        lo_y, hi_y = np.max(radius - oy), np.min(size - 1.0 - radius - oy)
-        bx = lo_x + start[0] * max(hi_x - lo_x, 0.0)
-        by = lo_y + start[1] * max(hi_y - lo_y, 0.0)
-        return (
-            (bx + ox).astype(np.float32),
-            (by + oy).astype(np.float32),
-            radius.astype(np.float32),
-        )
-
-    def _mask(
-        self, actor: np.ndarray, dx: np.ndarray, dy: np.ndarray, inner: np.ndarray
-    ) -> np.ndarray:
-        """The sensitive pixels (T, H, W) for the scenario and mask kind."""
+    def _scene(self, draws: _Draws, identity: int, actor: np.ndarray) -> np.ndarray:
+        """The noiseless clip (C, T, H, W): the identity texture on the sensitive region (the
+        background for an avatar, the actor for a person), public content elsewhere."""
+        texture = self.textures[identity].jittered(draws.id_shift, draws.id_contrast)
         if self.scenario == "avatar":
-            if self.mask_kind == "exact":
-                return ~actor
-            # The largest box inside the avatar, intersected with it so that rounding can
-            # never make a background pixel public.
-            return ~((np.maximum(dx, dy) <= inner) & actor)
-        if self.mask_kind == "exact":
-            return actor.copy()
-        rows, cols = actor.any(axis=2), actor.any(axis=1)  # (T, H), (T, W)
-        if self.mask_kind == "track":
-            rows = np.broadcast_to(rows.any(axis=0), rows.shape)
-            cols = np.broadcast_to(cols.any(axis=0), cols.shape)
-        rows, cols = _grow(rows, self.box_margin), _grow(cols, self.box_margin)
-        return rows[:, :, None] & cols[:, None, :]
+            background = texture.draw(self._xs[0], self._ys[0], draws.id_phase)[:, None]
+            foreground = draws.plain_colour.reshape(-1, 1, 1, 1)
+        else:
+            public = draws.public_texture
+            background = public.draw(self._xs[0], self._ys[0], draws.public_phase)[:, None]
+            u, v = self._xs - draws.cx[:, None, None], self._ys - draws.cy[:, None, None]
+            foreground = texture.draw(u, v, draws.id_phase)
+        return np.where(actor[None], foreground, background).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
         split = "train" if self.train else "test"
@@ -430,13 +363,3 @@ class SyntheticPrivateActions(Dataset):
             f"num_classes={self.num_classes}, num_identities={self.num_identities}, "
             f"mask_kind={self.mask_kind!r}, seed={self.seed}, {split})"
         )
-
-
-def _grow(runs: np.ndarray, margin: int) -> np.ndarray:
-    """Per row of ``runs`` (K, L), the interval from its first to last True, grown by margin."""
-    length = runs.shape[1]
-    any_true = runs.any(axis=1)
-    first = np.argmax(runs, axis=1) - margin
-    last = length - 1 - np.argmax(runs[:, ::-1], axis=1) + margin
-    pos = np.arange(length)[None, :]
-    return (pos >= first[:, None]) & (pos <= last[:, None]) & any_true[:, None]

@@ -31,7 +31,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -215,6 +215,17 @@ def _load_builtin_engines() -> None:
     from maskdp.engines.ghost import engine  # noqa: F401
 
 
+def check_engine_name(name: Any) -> str:
+    """``name`` if it is ``"auto"`` or a registered engine; else a one-line error."""
+    if not isinstance(name, str):
+        raise InvalidInputError(f"engine must be a string, got {type(name).__name__}")
+    if name not in engine_names():
+        raise InvalidInputError(
+            f"unknown engine {name!r}; choose one of {', '.join(engine_names())}"
+        )
+    return name
+
+
 def engine_names() -> list[str]:
     _load_builtin_engines()
     return ["auto", *sorted(ENGINES)]
@@ -225,12 +236,7 @@ def resolve_engine(name: str, model: nn.Module) -> type[Engine]:
 
     The one place where an engine name is interpreted.
     """
-    _load_builtin_engines()
-    if name != "auto":
-        if name not in ENGINES:
-            raise InvalidInputError(
-                f"unknown engine {name!r}; choose one of {', '.join(engine_names())}"
-            )
+    if check_engine_name(name) != "auto":
         ENGINES[name].check_support(model)
         return ENGINES[name]
     reasons = []

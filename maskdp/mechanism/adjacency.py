@@ -22,15 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from maskdp.accounting.choices import RELATIONS
+from maskdp.accounting.choices import RelationName as Relation
 from maskdp.errors import InvalidInputError
-
-Relation = Literal["erase", "substitute"]
-RELATIONS: tuple[str, ...] = ("erase", "substitute")
 
 
 @dataclass(frozen=True, eq=False)

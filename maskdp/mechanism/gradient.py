@@ -202,7 +202,7 @@ def masked_gradient(
     """
     validate_model(model)
     clip = check_max_grad_norm(max_grad_norm)
-    public_batch = check_public_batch(public, protect_labels)
+    public_batch = check_public_batch(public, protect_labels)  # no noise: any batch may do
     view = as_view(view)
     guard = ModelGuard(model)
     batch = make_batch(
@@ -231,10 +231,20 @@ def masked_gradient(
     )
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether two non-empty tensors are views of the same memory (the same batch)."""
+    return (
+        a.numel() > 0
+        and b.numel() > 0
+        and a.untyped_storage().data_ptr() == (b.untyped_storage().data_ptr())
+    )
+
+
 def check_public_batch(
-    public: Records | None, protect_labels: bool
+    public: Records | None, protect_labels: bool, private_inputs: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The checked public batch; refuse a missing one (MaskDP) or a given one (DP-SGD)."""
+    """The checked public batch; refuse a missing one (MaskDP), a given one (DP-SGD), or
+    the private batch's own storage passed again as the public batch."""
     if protect_labels:
         if public is not None:
             raise InvalidInputError(
@@ -249,4 +259,16 @@ def check_public_batch(
             "the second item of each step); a sum of public gradients over the private batch "
             "would reveal which records were sampled"
         )
-    return as_records(public, "public")
+    records = as_records(public, "public")
+    if (
+        records is not None
+        and private_inputs is not None
+        and _same_storage(records[0], private_inputs)
+    ):
+        raise InvalidInputError(
+            "public= holds the private batch itself: the public batch must be drawn "
+            "independently of the private one (a public term over the private batch "
+            "reveals which records were sampled); use the second item of make_private's "
+            "loader"
+        )
+    return records

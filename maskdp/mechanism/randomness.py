@@ -212,3 +212,16 @@ def in_private_scope() -> bool:
     """Whether the caller runs inside :func:`private_scope` (views then draw from torch's
     forked generator, not from their own)."""
     return _PRIVATE_SCOPE.get()
+
+
+def check_replay_state(randomness: Randomness, state: Any) -> None:
+    """Refuse a saved seeded-randomness ``state`` unless ``randomness`` can replay it (a
+    secret source never takes a replayable state); ``None`` (nothing saved) always passes."""
+    if state is None:
+        return
+    if not is_replayable(randomness):
+        raise InvalidInputError(
+            "state_dict holds an insecure (seeded) randomness state; this optimizer "
+            "draws secret randomness and will not replay it"
+        )
+    randomness.check_state(state)  # type: ignore[attr-defined]

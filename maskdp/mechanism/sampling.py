@@ -33,6 +33,28 @@ from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness, check_randomness
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    r"""The one definition of an epoch: :math:`\lceil 1/q \rceil` Poisson steps (each record
+    is expected to be seen at least once). ``1/q`` within 1e-12 of an integer counts as it,
+    so ``q = B/N`` with ``B`` dividing ``N`` gives exactly ``N/B`` steps."""
+    inverse = 1.0 / check_sample_rate(sample_rate)
+    nearest = round(inverse)
+    return nearest if math.isclose(inverse, nearest, rel_tol=1e-12) else math.ceil(inverse)
+
+
+def epochs_to_steps(epochs: float, sample_rate: float) -> int:
+    """Steps of ``epochs`` epochs (fractional epochs allowed): at least one step."""
+    if (
+        isinstance(epochs, bool)
+        or not isinstance(epochs, (int, float))
+        or not (math.isfinite(epochs) and epochs > 0)
+    ):
+        raise InvalidInputError(f"epochs must be a finite number > 0, got {epochs!r}")
+    exact = epochs * steps_per_epoch(sample_rate)
+    nearest = round(exact)
+    return max(1, nearest if math.isclose(exact, nearest, rel_tol=1e-12) else math.ceil(exact))
+
+
 def _check_shard(num_records: int, rank: int, world_size: int) -> None:
     for name, value, low in (("num_records", num_records, 1), ("world_size", world_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -12,10 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from maskdp.accounting.choices import Accountant
 from maskdp.errors import InvalidInputError
 
 Mode = Literal["maskdp", "dpsgd", "nonprivate"]
 DEFAULT_TARGET_EPSILON = 1.0
+# The ``maskdp train --help`` panel of each field's option.
+_PRIVACY = {"group": "Privacy"}
+_DATA = {"group": "Data and model"}
+_OPTIMISATION = {"group": "Optimisation"}
 
 
 class TrainConfig(BaseModel):
@@ -24,42 +29,105 @@ class TrainConfig(BaseModel):
     ``mode``: ``maskdp`` (the sensitive region is private), ``dpsgd`` (the whole clip and
     its label are private: all-sensitive masks and ``protect_labels``), ``nonprivate``.
     Exactly one of ``target_epsilon`` and ``noise_multiplier`` sets the noise of a private run.
+
+    Each field is one ``maskdp train`` option (:mod:`maskdp.cli.train`): its description is
+    the option's help and ``json_schema_extra["group"]`` its panel in ``--help``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    mode: Mode = "maskdp"
-    model: Literal["vit", "cnn"] = "vit"
-    dataset: str = Field("synthetic", description="'synthetic' or the path of a ClipFolder")
-    scenario: Literal["avatar", "person"] = "avatar"
-    train_size: int = Field(1024, ge=1)
-    test_size: int = Field(512, ge=1)
-    frames: int = Field(8, ge=1)
-    image_size: int = Field(32, ge=1)
-    view: Literal["fill", "random", "inpaint", "drop"] = "fill"
+    mode: Mode = Field(
+        "maskdp",
+        description="What is private: the masked region (maskdp), the whole clip and its label "
+        "(dpsgd) or nothing (nonprivate).",
+        json_schema_extra=_PRIVACY,
+    )
+    model: Literal["vit", "cnn"] = Field(
+        "vit", description="VideoViT or SmallVideoCNN.", json_schema_extra=_DATA
+    )
+    dataset: str = Field(
+        "synthetic",
+        description="'synthetic' or a ClipFolder path with train/ and test/.",
+        json_schema_extra=_DATA,
+    )
+    scenario: Literal["avatar", "person"] = Field(
+        "avatar", description="Synthetic scenario.", json_schema_extra=_DATA
+    )
+    train_size: int = Field(
+        1024, ge=1, description="Synthetic training clips.", json_schema_extra=_DATA
+    )
+    test_size: int = Field(512, ge=1, description="Synthetic test clips.", json_schema_extra=_DATA)
+    frames: int = Field(8, ge=1, description="Frames per synthetic clip.", json_schema_extra=_DATA)
+    image_size: int = Field(
+        32, ge=1, description="Height and width of synthetic clips.", json_schema_extra=_DATA
+    )
+    view: Literal["fill", "random", "inpaint", "drop"] = Field(
+        "fill", description="Public view of the masked clips.", json_schema_extra=_DATA
+    )
     temporal_centering: bool = Field(
-        True, description="vit: subtract each pixel's mean over frames (static-camera clips)"
+        True,
+        description="vit: subtract each pixel's mean over frames (static cameras).",
+        json_schema_extra=_DATA,
     )
-    engine: str = "auto"
-    target_epsilon: float | None = Field(None, gt=0, description="default 1.0 for private runs")
-    noise_multiplier: float | None = Field(None, ge=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    epochs: float = Field(2.0, gt=0, description="private epochs")
-    public_epochs: float = Field(5.0, ge=0, description="warm-up epochs on public views only")
-    batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size")
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    engine: str = Field(
+        "auto",
+        description="Per-sample gradients: auto | ghost | hooks | vmap | reference.",
+        json_schema_extra=_OPTIMISATION,
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Epsilon to reach at the end (default 1.0 for private runs).",
+        json_schema_extra=_PRIVACY,
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Fixed noise multiplier instead of a target epsilon.",
+        json_schema_extra=_PRIVACY,
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="Delta of the guarantee.", json_schema_extra=_PRIVACY
+    )
+    accountant: Accountant = Field(
+        "rdp", description="Privacy accountant.", json_schema_extra=_PRIVACY
+    )
+    epochs: float = Field(2.0, gt=0, description="Private epochs.", json_schema_extra=_OPTIMISATION)
+    public_epochs: float = Field(
+        5.0,
+        ge=0,
+        description="Warm-up epochs on public views only (free).",
+        json_schema_extra=_OPTIMISATION,
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Expected (Poisson) batch size.", json_schema_extra=_OPTIMISATION
+    )
+    lr: float = Field(
+        2e-3, gt=0, description="Learning rate (AdamW).", json_schema_extra=_OPTIMISATION
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="Weight decay (AdamW).", json_schema_extra=_OPTIMISATION
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Clipping norm C of the private term.", json_schema_extra=_PRIVACY
+    )
     private_weight: float = Field(
-        1.0, ge=0, description="weight of the noisy private sum (post-processing, free)"
+        1.0,
+        ge=0,
+        description="Weight of the noisy private sum (post-processing: free).",
+        json_schema_extra=_PRIVACY,
     )
-    shrinkage: Literal["none", "james-stein"] = "none"
-    device: str = "cpu"
+    shrinkage: Literal["none", "james-stein"] = Field(
+        "none", description="Shrink the noisy private sum (free).", json_schema_extra=_PRIVACY
+    )
+    device: str = Field(
+        "cpu", description="Torch device: cpu, cuda or cuda:N.", json_schema_extra=_OPTIMISATION
+    )
     seed: int = Field(
         0,
-        description="seeds public things only (synthetic data, initial weights, random fill); "
-        "noise and sampling always draw secret OS entropy",
+        description="Seed of public things only (synthetic data, initial weights, random fill); "
+        "noise and sampling always draw secret OS entropy.",
+        json_schema_extra=_OPTIMISATION,
     )
 
     @model_validator(mode="before")
@@ -98,6 +166,7 @@ class TrainConfig(BaseModel):
         return self
 
     def to_dict(self) -> dict:
+        """The fields as plain JSON values (what ``config.json`` holds)."""
         return self.model_dump(mode="json")
 
 

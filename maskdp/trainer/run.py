@@ -1,17 +1,16 @@
 """The ``maskdp train`` main job: build, train, checkpoint, resume and evaluate one run.
 
-A run directory holds ``config.json`` (the validated :class:`TrainConfig`),
-``checkpoint.pt`` (model, optimizer with its privacy ledger, step) and ``metrics.json``
-(``epsilon``, ``delta``, ``steps``, ``accuracy``, ...). Every file is written atomically,
-so a crash at any moment leaves the previous complete version.
+A run directory (:mod:`maskdp.trainer.rundir`) holds ``config.json``, ``checkpoint.pt`` and
+``metrics.json`` (the :class:`~maskdp.trainer.result.TrainResult`). Every file is written
+atomically, so a crash at any moment leaves the previous complete version.
 
 The run is built on :func:`maskdp.training.private.make_private`: each step takes a private Poisson
 batch and an independent public batch, and the noise and the private sampling draw from the
 OS entropy pool. The config's ``seed`` fixes only public things (the synthetic data, the
 initial weights, a random-fill view); no seed determines the noise or the sampling, so none
 is written anywhere, and the checkpoint holds no generator state. A resumed run draws fresh
-secret batches, which is what an uninterrupted run does too. ``maskdp export`` writes the
-releasable weights alone.
+secret batches, which is what an uninterrupted run does too. Evaluating and exporting a
+stored run: :mod:`maskdp.trainer.artifacts`; building its parts: :mod:`maskdp.trainer.build`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,133 +26,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from maskdp.errors import InvalidInputError
-from maskdp.io import atomic_torch_save, atomic_write_json, remove_temporaries
+from maskdp.io import atomic_write_json, remove_temporaries
+from maskdp.trainer.build import build_datasets, build_model, build_view, make_plan, resolve_device
 from maskdp.trainer.config import TrainConfig
+from maskdp.trainer.result import TrainResult
+from maskdp.trainer.rundir import CHECKPOINT, CONFIG, METRICS, check_run_dir, new_run_dir
 from maskdp.training.checkpoint import load_checkpoint, save_checkpoint
 from maskdp.training.distributed import DistributedContext, from_env, sum_gradients
 
-CONFIG, CHECKPOINT, METRICS = "config.json", "checkpoint.pt", "metrics.json"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Derived schedule of a run: sampling rate, step counts and noise."""
-
-    sample_rate: float
-    public_steps: int
-    private_steps: int
-    noise_multiplier: float
-
-    @property
-    def total_steps(self) -> int:
-        return self.public_steps + self.private_steps
-
-
-def new_run_dir(root: str | Path = "runs") -> Path:
-    """A fresh directory ``root/run-YYYYmmdd-HHMMSS[-k]``."""
-    base = Path(root) / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    path, k = base, 1
-    while path.exists():
-        path, k = base.with_name(f"{base.name}-{k}"), k + 1
-    return path
-
-
-class MemoDataset(Dataset):
-    """Keeps each item of a generated dataset after its first rendering (epochs reuse it).
-
-    Other attributes (``identities``, ``render``, ...) are those of the wrapped dataset.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self._items: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        index = int(index)
-        item = self._items.get(index)
-        if item is None:
-            item = self._items[index] = self.dataset[index]
-        return item
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("dataset", "_items"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
-    """Train set, test set and number of classes."""
-    if config.dataset == "synthetic":
-        from maskdp.data import SyntheticPrivateActions
-
-        train, test = SyntheticPrivateActions.train_test(
-            train_size=config.train_size,
-            test_size=config.test_size,
-            scenario=config.scenario,
-            frames=config.frames,
-            image_size=config.image_size,
-            seed=config.seed,
-        )
-        return MemoDataset(train), MemoDataset(test), train.num_classes
-    from maskdp.data import ClipFolder
-
-    root = Path(config.dataset)
-    train, test = ClipFolder(root / "train"), ClipFolder(root / "test")
-    return train, test, int(max(train.num_classes, test.num_classes))
-
-
-def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from maskdp.models import SmallVideoCNN, VideoViT
-
-    if config.model == "vit":
-        return VideoViT(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            frames=config.frames,
-            image_size=config.image_size,
-            temporal_centering=config.temporal_centering,
-        )
-    return SmallVideoCNN(num_classes=num_classes, in_channels=in_channels)
-
-
-def build_view(config: TrainConfig, model: nn.Module):
-    from maskdp.mechanism.views import DropView, FillView, InpaintView, RandomFillView
-
-    if config.view == "fill":
-        return FillView(0.5)
-    if config.view == "random":
-        return RandomFillView(0.0, 1.0, seed=config.seed)
-    if config.view == "inpaint":
-        return InpaintView("temporal", fallback=0.5)
-    return DropView.for_model(model, fill=0.5)
-
-
-def make_plan(config: TrainConfig, dataset_size: int) -> Plan:
-    """Sampling rate, steps and (calibrated) noise multiplier of a run."""
-    if config.batch_size > dataset_size:
-        raise InvalidInputError(
-            f"batch_size {config.batch_size} exceeds the dataset size {dataset_size}"
-        )
-    q = config.batch_size / dataset_size
-    private_steps = max(1, math.ceil(config.epochs / q))
-    public_steps = math.ceil(config.public_epochs / q) if config.mode == "maskdp" else 0
-    if config.mode == "nonprivate":
-        return Plan(q, public_steps, private_steps, 0.0)
-    if config.noise_multiplier is not None:
-        return Plan(q, public_steps, private_steps, config.noise_multiplier)
-    from maskdp.accounting.calibration import calibrate_noise
-
-    sigma = calibrate_noise(
-        config.target_epsilon,
-        config.delta,
-        sample_rate=q,
-        steps=private_steps,
-        accountant=config.accountant,
-    )
-    return Plan(q, public_steps, private_steps, sigma)
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Run", "TrainResult", "evaluate_model", "train"]
 
 
 def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,19 +43,6 @@ def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return default_collate([dataset[int(i)] for i in indices])
     x, m, y = dataset[0]
     return x.new_zeros((0, *x.shape)), m.new_zeros((0, *m.shape)), torch.zeros(0, dtype=y.dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device named by ``--device``; a clear error when it is not usable here."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InvalidInputError(
-            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128) -> float:
@@ -249,6 +115,7 @@ class Run:
 
     # -- persistence ---------------------------------------------------------------------
     def save(self) -> None:
+        """Checkpoint the model, optimizer (with its ledger), loader and step, atomically."""
         if self.dist is not None and not self.dist.is_main:
             return  # rank 0 alone writes the run directory
         save_checkpoint(
@@ -260,6 +127,7 @@ class Run:
         )
 
     def load(self) -> None:
+        """Restore the run's checkpoint, ledger and step included."""
         if not (self.run_dir / CHECKPOINT).exists():
             raise InvalidInputError(f"no checkpoint to resume in {self.run_dir}")
         extra = load_checkpoint(
@@ -275,6 +143,7 @@ class Run:
 
     # -- training ------------------------------------------------------------------------
     def epsilon(self) -> float:
+        """The privacy spent so far at the config's delta (inf when non-private)."""
         if self.optimizer is None:
             return math.inf
         return float(self.optimizer.epsilon(self.config.delta))
@@ -342,9 +211,10 @@ class Run:
                 self.save()
             yield self.step, loss
 
-    def metrics(self, seconds: float | None = None) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
+        """Privacy spent, schedule and test accuracy at the current step."""
         epsilon = self.epsilon()
-        metrics: dict[str, Any] = {
+        return {
             "mode": self.config.mode,
             "epsilon": epsilon if math.isfinite(epsilon) else None,
             "delta": self.config.delta if self.optimizer is not None else None,
@@ -354,11 +224,6 @@ class Run:
             "sample_rate": self.plan.sample_rate,
             "accuracy": evaluate_model(self.model, self.test_set),
         }
-        if seconds is not None:
-            # A function of the batch sizes, whose law is the same in both worlds of the
-            # erase relation; timing channels are outside the guarantee (docs/privacy.md).
-            metrics["train_seconds"] = round(seconds, 2)
-        return metrics
 
 
 def train(
@@ -367,8 +232,8 @@ def train(
     *,
     resume: bool = False,
     on_step: Callable[[int, int, float, Run], None] | None = None,
-) -> dict[str, Any]:
-    """Train one run and return its metrics (also written to ``metrics.json``).
+) -> TrainResult:
+    """Train one run and return its result (also written to ``metrics.json``).
 
     With ``resume`` the run directory's config must equal ``config`` and training continues
     from its checkpoint with the same ledger.
@@ -376,10 +241,20 @@ def train(
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank joins a gloo (CPU) or nccl
     (CUDA) process group, trains on its shard of each step's Poisson sample with the ranks'
     clipped sums all-reduced and noised once (:mod:`maskdp.training.distributed`), and rank 0 alone
-    writes the run directory; every rank returns the same metrics.
+    writes the run directory; every rank returns the same result.
     """
     with from_env(config.device) as dist:
         return _train(config, run_dir, resume=resume, on_step=on_step, dist=dist)
+
+
+def _shared_run_dir(run_dir: str | Path | None, dist: DistributedContext | None) -> Path:
+    """``run_dir``, or a new one; under torchrun rank 0's timestamped name for every rank."""
+    path = Path(run_dir) if run_dir is not None else new_run_dir()
+    if dist is not None and run_dir is None:
+        shared = [str(path)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        path = Path(shared[0])
+    return path
 
 
 def _train(
@@ -389,23 +264,10 @@ def _train(
     resume: bool,
     on_step: Callable[[int, int, float, Run], None] | None,
     dist: DistributedContext | None,
-) -> dict[str, Any]:
+) -> TrainResult:
     main = dist is None or dist.is_main
-    path = Path(run_dir) if run_dir is not None else new_run_dir()
-    if dist is not None and run_dir is None:  # rank 0's timestamped name for every rank
-        shared = [str(path)]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        path = Path(shared[0])
-    if resume:
-        stored = read_config(path)
-        if stored != config:
-            raise InvalidInputError(
-                f"--resume: the options differ from {path / CONFIG}; resume with the same options"
-            )
-    elif (path / CONFIG).exists() or (path / CHECKPOINT).exists():
-        raise InvalidInputError(
-            f"run directory {path} already holds a run; use --resume or another --run-dir"
-        )
+    path = _shared_run_dir(run_dir, dist)
+    check_run_dir(path, config, resume=resume)
     run = Run(config, path, dist=dist)
     if dist is not None:
         dist.barrier()  # every rank has checked the directory before rank 0 writes to it
@@ -419,52 +281,10 @@ def _train(
     for step, loss in run.steps():
         if on_step is not None:
             on_step(step, run.plan.total_steps, loss, run)
-    metrics = {**run.metrics(time.perf_counter() - start), "run_dir": str(path)}
+    # The wall time is a function of the batch sizes, whose law is the same in both worlds
+    # of the erase relation; timing channels are outside the guarantee (docs/privacy.md).
+    seconds = round(time.perf_counter() - start, 2)
+    result = TrainResult(**run.metrics(), train_seconds=seconds, run_dir=str(path))
     if main:
-        atomic_write_json(path / METRICS, metrics)
-    return metrics
-
-
-def read_config(run_dir: str | Path) -> TrainConfig:
-    """The validated config stored in a run directory."""
-    from maskdp.trainer.config import build_config, load_config_file
-
-    path = Path(run_dir) / CONFIG
-    if not path.exists():
-        raise InvalidInputError(f"{run_dir} is not a run directory: {CONFIG} is missing")
-    return build_config(**load_config_file(path))
-
-
-def evaluate(run_dir: str | Path) -> dict[str, Any]:
-    """Accuracy and privacy spent of the checkpoint in ``run_dir``."""
-    config = read_config(run_dir)
-    run = Run(config, Path(run_dir))
-    run.load()
-    return {**run.metrics(), "run_dir": str(run_dir)}
-
-
-def plan_summary(plan: Plan) -> dict[str, Any]:
-    return asdict(plan)
-
-
-def export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the releasable weights of ``run_dir``'s checkpoint to ``out`` (atomically).
-
-    The file holds the model's ``state_dict`` alone (loadable with ``weights_only=True``),
-    never optimizer state or anything else of the run; ``out`` must not exist.
-    """
-    config = read_config(run_dir)
-    target = Path(out)
-    if target.exists():
-        raise InvalidInputError(f"{target} already exists; choose another output path")
-    run = Run(config, Path(run_dir))
-    run.load()
-    state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
-    atomic_torch_save(state, target)
-    epsilon = run.epsilon()
-    return {
-        "run_dir": str(run_dir),
-        "weights": str(target),
-        "epsilon": epsilon if math.isfinite(epsilon) else None,
-        "delta": config.delta if run.optimizer is not None else None,
-    }
+        atomic_write_json(path / METRICS, result.to_dict())
+    return result

@@ -9,6 +9,7 @@ accountants' guarantees, which the search relies on.
 from __future__ import annotations
 
 from maskdp.accounting.ledger import PrivacyLedger
+from maskdp.accounting.search import largest_feasible
 
 MAX_GUARDED_STEPS = 2**31
 
@@ -53,14 +54,4 @@ def steps_within_budget(
         )
         return eps <= target_epsilon
 
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= MAX_GUARDED_STEPS and fits(high):
-        low, high = high, 2 * high
-    if high > MAX_GUARDED_STEPS:
-        return low
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_feasible(fits, 1, MAX_GUARDED_STEPS)

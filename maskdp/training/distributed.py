@@ -59,13 +59,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from maskdp.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from maskdp.settings import PrivacySettings
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,30 @@ class DistributedContext:
                 f"{', '.join(differ)} differ between ranks; pass the same (global) values on "
                 "every rank"
             )
+
+    def check_same_settings(self, settings: PrivacySettings, optimizer: Optimizer) -> None:
+        """:meth:`check_same` on every setting that changes the release or the accounting.
+
+        A difference in ``protect_labels``, ``shrinkage`` or ``autocast`` would pair
+        different all-reduces across ranks; the released sizes must match for the same
+        reason.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.check_same(
+            {
+                "noise_multiplier": settings.noise_multiplier,
+                "max_grad_norm": settings.max_grad_norm,
+                "expected_batch_size": settings.expected_batch_size,
+                "expected_public_batch_size": float(settings.expected_public_batch_size or 0),
+                "sample_rate": settings.sample_rate,
+                "protect_labels": float(settings.protect_labels),
+                "private_weight": settings.private_weight,
+                "shrinkage": float(settings.shrinkage is not None),
+                "autocast": float((None, torch.float16, torch.bfloat16).index(settings.autocast)),
+                "released tensors": float(len(params)),
+                "released values": float(sum(p.numel() for p in params)),
+            }
+        )
 
 
 def is_ddp(model: nn.Module) -> bool:

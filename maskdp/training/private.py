@@ -12,7 +12,8 @@ Always returns three values ``(model, optimizer, data_loader)``:
 
 The sampling rate is :math:`q = B / N` with :math:`B` the loader's ``batch_size`` and
 :math:`N` the dataset size, so the expected batch size (the divisor of the private term) is
-exactly :math:`B`; an epoch keeps ``len(data_loader)`` steps.
+exactly :math:`B`; an epoch is :math:`\lceil 1/q \rceil` steps
+(:func:`~maskdp.mechanism.sampling.steps_per_epoch`).
 
 Under ``DistributedDataParallel`` (``model`` is a DDP module) every rank's loader yields its
 shard of each global batch (record ``i`` belongs to rank ``i mod W``): each sampled record
@@ -27,7 +28,6 @@ The loop::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +35,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from maskdp.checks import check_batch_size, check_delta, check_target_epsilon
+from maskdp.accounting.ledger import ACCOUNTANTS
+from maskdp.checks import check_batch_size, check_choice, check_delta, check_target_epsilon
 from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
 from maskdp.engines.base import PerSampleLoss
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness, SecretRandomness
+from maskdp.mechanism.sampling import epochs_to_steps
 from maskdp.mechanism.views import PublicView
+from maskdp.settings import PrivacySettings
 from maskdp.training.distributed import is_ddp
 from maskdp.training.optimizer import MaskDPOptimizer
 
@@ -78,39 +81,46 @@ def _rate(data_loader: DataLoader) -> tuple[float, int, int]:
     return expected / n, expected, n
 
 
+def _public_size(public_batch_size: int | None, expected: int, n: int) -> int:
+    if public_batch_size is None:
+        return expected
+    size = check_batch_size(public_batch_size, "public_batch_size")
+    if size > n:
+        raise InvalidInputError(f"public_batch_size {size} exceeds the dataset size {n}")
+    return size
+
+
 def _loaders(
     data_loader: DataLoader,
     model: nn.Module,
-    *,
-    public_batch_size: int | None,
-    protect_labels: bool,
+    settings: PrivacySettings,
     randomness: Randomness | None,
     public_randomness: Randomness | None,
-) -> tuple[MaskDPDataLoader, float, int, int]:
-    """The paired loader, q, B and B_pub."""
-    rate, expected, n = _rate(data_loader)
+) -> MaskDPDataLoader:
+    """The paired loader: private batches at rate q, public ones at B_pub / N."""
+    n = len(data_loader.dataset)  # type: ignore[arg-type]
     rank, world = _shard(model)
     private = PoissonDataLoader.from_data_loader(
-        data_loader, sample_rate=rate, randomness=randomness, rank=rank, world_size=world
+        data_loader,
+        sample_rate=settings.sample_rate,
+        randomness=randomness,
+        rank=rank,
+        world_size=world,
     )
-    public_expected = (
-        expected
-        if public_batch_size is None
-        else check_batch_size(public_batch_size, "public_batch_size")
-    )
-    if public_expected > n:
-        raise InvalidInputError(f"public_batch_size {public_expected} exceeds the dataset size {n}")
     public = None
-    if not protect_labels:
+    if not settings.protect_labels:
         public = PoissonDataLoader.from_data_loader(
             data_loader,
-            sample_rate=public_expected / n,
+            sample_rate=settings.expected_public_batch_size / n,
             steps=len(private),
             randomness=public_randomness if public_randomness is not None else SecretRandomness(),
             rank=rank,
             world_size=world,
         )
-    return MaskDPDataLoader(private, public), rate, expected, public_expected
+    return MaskDPDataLoader(private, public)
+
+
+LOADER_FIXED_SETTINGS = ("sample_rate", "expected_batch_size", "expected_public_batch_size")
 
 
 def make_private(
@@ -118,15 +128,7 @@ def make_private(
     optimizer: Optimizer,
     data_loader: DataLoader,
     *,
-    noise_multiplier: float,
-    max_grad_norm: float,
     loss_fn: nn.Module | PerSampleLoss,
-    view: ViewArg = None,
-    engine: str = "auto",
-    protect_labels: bool = False,
-    target_epsilon: float | None = None,
-    target_delta: float | None = None,
-    accountant: str = "rdp",
     public_batch_size: int | None = None,
     randomness: Randomness | None = None,
     public_randomness: Randomness | None = None,
@@ -134,38 +136,29 @@ def make_private(
 ) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
     """(model, :class:`MaskDPOptimizer`, paired loader); see the module docstring.
 
-    ``public_batch_size``: the expected size :math:`B_{pub}` of the public batch (default
-    the loader's ``batch_size``). ``randomness`` drives the private sampling and the noise
-    (default: secret OS entropy); ``public_randomness`` the public sampling (default: its
-    own OS entropy, independent of the private draws). Other keyword arguments
-    (``autocast``, ``private_weight``, ``shrinkage``) and the rest are those of
-    :class:`MaskDPOptimizer`.
+    ``settings`` are the fields of :class:`~maskdp.settings.PrivacySettings` (at least
+    ``noise_multiplier`` and ``max_grad_norm``) except the three the loader fixes:
+    ``sample_rate`` :math:`= B/N`, ``expected_batch_size`` :math:`= B` and
+    ``expected_public_batch_size`` (``public_batch_size``, default :math:`B`).
+    ``randomness`` drives the private sampling and the noise (default: secret OS entropy);
+    ``public_randomness`` the public sampling (default: its own OS entropy, independent of
+    the private draws).
     """
-    loader, rate, expected, public_expected = _loaders(
-        data_loader,
-        model,
-        public_batch_size=public_batch_size,
-        protect_labels=protect_labels,
-        randomness=randomness,
-        public_randomness=public_randomness,
-    )
-    private_optimizer = MaskDPOptimizer(
-        optimizer,
-        model=model,
-        loss_fn=loss_fn,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected,
+    fixed = [name for name in LOADER_FIXED_SETTINGS if name in settings]
+    if fixed:
+        raise InvalidInputError(
+            f"{fixed[0]} comes from data_loader (B = batch_size, q = B / N); do not pass it"
+        )
+    rate, expected, n = _rate(data_loader)
+    privacy = PrivacySettings.build(
         sample_rate=rate,
-        expected_public_batch_size=public_expected,
-        view=view,
-        engine=engine,
-        protect_labels=protect_labels,
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        accountant=accountant,
-        randomness=randomness,
+        expected_batch_size=expected,
+        expected_public_batch_size=_public_size(public_batch_size, expected, n),
         **settings,
+    )
+    loader = _loaders(data_loader, model, privacy, randomness, public_randomness)
+    private_optimizer = MaskDPOptimizer(
+        optimizer, model=model, loss_fn=loss_fn, settings=privacy, randomness=randomness
     )
     return model, private_optimizer, loader
 
@@ -177,44 +170,33 @@ def make_private_with_epsilon(
     *,
     target_epsilon: float,
     target_delta: float,
-    epochs: int,
-    max_grad_norm: float,
-    loss_fn: nn.Module | PerSampleLoss,
-    view: ViewArg = None,
-    engine: str = "auto",
-    protect_labels: bool = False,
+    epochs: float,
     accountant: str = "rdp",
     **settings: Any,
 ) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
     """:func:`make_private` with the smallest noise that keeps ``epochs`` epochs within budget.
 
-    The noise multiplier comes from :func:`maskdp.accounting.calibration.calibrate_noise` for
-    ``steps = epochs * len(data_loader)`` at the Poisson rate (its epsilon is at most the
-    target: the safe side). The budget guard is armed with the same target, so a step past
-    the planned ones raises :class:`~maskdp.errors.PrivacyBudgetExceeded`. Other keyword
-    arguments are those of :func:`make_private`.
+    ``steps`` is :func:`~maskdp.mechanism.sampling.epochs_to_steps` (an epoch is one pass of
+    the returned loader); the noise multiplier comes from
+    :func:`maskdp.accounting.calibration.calibrate_noise` for those steps at the Poisson
+    rate (its epsilon is at most the target: the safe side). The budget guard is armed with
+    the same target, so a step past the planned ones raises
+    :class:`~maskdp.errors.PrivacyBudgetExceeded`. Other keyword arguments are those of
+    :func:`make_private`.
     """
     from maskdp.accounting.calibration import calibrate_noise
 
     target = check_target_epsilon(target_epsilon)
     delta = check_delta(target_delta, "target_delta")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise InvalidInputError(f"epochs must be an int >= 1, got {epochs!r}")
+    accountant = check_choice("accountant", accountant, ACCOUNTANTS)
     rate, _, _ = _rate(data_loader)
-    steps = epochs * len(data_loader)
+    steps = epochs_to_steps(epochs, rate)
     sigma = calibrate_noise(target, delta, sample_rate=rate, steps=steps, accountant=accountant)
-    if not math.isfinite(sigma):  # pragma: no cover - calibrate_noise raises instead
-        raise InvalidInputError(f"no noise multiplier reaches epsilon {target} in {steps} steps")
     return make_private(
         model,
         optimizer,
         data_loader,
         noise_multiplier=sigma,
-        max_grad_norm=max_grad_norm,
-        loss_fn=loss_fn,
-        view=view,
-        engine=engine,
-        protect_labels=protect_labels,
         target_epsilon=target,
         target_delta=delta,
         accountant=accountant,

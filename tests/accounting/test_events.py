@@ -1,4 +1,4 @@
-"""PoissonGaussianEvent: an invalid event never exists."""
+"""PoissonGaussianEvent: an invalid event never exists; merge_events combines equal ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 from maskdp.accounting.errors import InvalidParameterError
-from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 
 BAD_FLOATS = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, True, None, "0.5"]
 
@@ -62,3 +62,34 @@ def test_from_dict_validates():
         PoissonGaussianEvent.from_dict([0.1, 1.0])  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match="steps"):
         PoissonGaussianEvent.from_dict({"sample_rate": 0.1, "noise_multiplier": 1.0, "steps": 1.5})
+
+
+A, B = (0.01, 1.0), (0.02, 0.8)
+
+
+def test_merge_events_sums_equal_mechanisms_in_first_seen_order():
+    events = [PoissonGaussianEvent(*A, 2), PoissonGaussianEvent(*B, 3), PoissonGaussianEvent(*A, 4)]
+    assert merge_events(events) == (PoissonGaussianEvent(*A, 6), PoissonGaussianEvent(*B, 3))
+    assert merge_events(iter(events)) == merge_events(events)
+    assert merge_events([]) == ()
+
+
+def test_merge_events_adjacent_only_keeps_the_history_order():
+    events = [
+        PoissonGaussianEvent(*A, 2),
+        PoissonGaussianEvent(*A, 1),
+        PoissonGaussianEvent(*B, 3),
+        PoissonGaussianEvent(*A, 4),
+    ]
+    assert merge_events(events, adjacent_only=True) == (
+        PoissonGaussianEvent(*A, 3),
+        PoissonGaussianEvent(*B, 3),
+        PoissonGaussianEvent(*A, 4),
+    )
+
+
+def test_merge_events_rejects_other_objects_naming_the_sequence():
+    with pytest.raises(InvalidParameterError, match="events must be PoissonGaussianEvent"):
+        merge_events([PoissonGaussianEvent(*A), (0.01, 1.0, 1)])  # type: ignore[list-item]
+    with pytest.raises(InvalidParameterError, match="segments must be PoissonGaussianEvent"):
+        merge_events([{"sample_rate": 0.1}], name="segments")  # type: ignore[list-item]

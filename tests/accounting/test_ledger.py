@@ -183,3 +183,13 @@ def test_bad_query_arguments():
         ledger.epsilon(1e-5, conversion="bbghs")  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match="relation"):
         ledger.epsilon(1e-5, relation="replace")
+
+
+def test_every_name_of_choices_has_one_implementation():
+    """The names are spelled once (maskdp.accounting.choices); the dispatch tables match."""
+    from maskdp.accounting import api, choices, ledger, relations
+
+    assert ledger.ACCOUNTANTS is choices.ACCOUNTANTS
+    assert tuple(ledger._ACCOUNTANTS) == choices.ACCOUNTANTS
+    assert tuple(api._READERS) == choices.ACCOUNTANTS
+    assert tuple(r.value for r in relations.Relation) == choices.RELATIONS

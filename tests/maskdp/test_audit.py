@@ -22,21 +22,23 @@ import torch
 from scipy import stats
 from scipy.optimize import brentq
 
-from maskdp.analysis.audit import (
-    AuditResult,
+import maskdp.analysis.runs as runs_module
+from maskdp.analysis.audit import AuditResult, audit
+from maskdp.analysis.canary import plant_canary, rademacher_pattern
+from maskdp.analysis.stats import (
     Counts,
-    audit,
     choose_threshold,
+    clopper_pearson,
     clopper_pearson_upper,
     count_guesses,
     epsilon_lower_bound,
-    plant_canary,
-    rademacher_pattern,
     theory_epsilon,
 )
+from maskdp.checks import check_calibration, check_confidence, check_count, check_positive
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.views import DropView
 from maskdp.models import SmallVideoCNN, VideoViT
+from maskdp.settings import PrivacySettings
 
 DELTA = 1e-5
 # A fixed engine keeps these tests about the audit (all engines agree with the reference
@@ -103,6 +105,37 @@ def test_clopper_pearson_zero_successes_closed_form() -> None:
     # P(0 successes) = (1 - p)^n = alpha  =>  p_u = 1 - alpha^(1/n).
     for n in (1, 10, 137):
         assert clopper_pearson_upper(0, n, 0.95) == pytest.approx(1 - 0.05 ** (1 / n))
+
+
+def test_two_sided_interval_is_two_one_sided_bounds() -> None:
+    """The leak test's interval and the audit's upper bound are one Clopper-Pearson."""
+    from maskdp.analysis import leakage
+
+    assert leakage.clopper_pearson is clopper_pearson
+    for k, n in [(0, 10), (3, 10), (10, 10), (57, 400)]:
+        low, high = clopper_pearson(k, n, 0.9)
+        assert high == clopper_pearson_upper(k, n, 0.95)
+        mirrored = 1 - clopper_pearson_upper(n - k, n, 0.95)  # lower = 1 - upper of failures
+        assert low == (0.0 if k == 0 else pytest.approx(mirrored, rel=1e-12))
+
+
+def test_audit_checks() -> None:
+    assert check_count("trials", np.int64(3), 2) == 3
+    assert check_positive("scale", 2) == 2.0
+    assert check_confidence(0.9) == 0.9
+    assert check_calibration(10, 0.5, None) == 5 and check_calibration(10, 0.5, 1.0) == 0
+    for bad, match in [
+        (lambda: check_count("trials", True), "trials must be an int >= 0"),
+        (lambda: check_count("trials", 1.0, 1), "trials must be an int >= 1"),
+        (lambda: check_positive("scale", float("inf")), "scale must be finite"),
+        (lambda: check_positive("scale", 0), "scale must be a number > 0"),
+        (lambda: check_confidence(1), "confidence must be a number in"),
+        (lambda: check_calibration(10, 0.01, None), "leaves 0 of 10"),
+        (lambda: check_calibration(10, "half", None), "calibration_fraction"),
+        (lambda: check_calibration(10, 0.5, float("inf")), "threshold"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            bad()
 
 
 def test_epsilon_bound_hand_computed() -> None:
@@ -322,6 +355,42 @@ def test_dataset_of_records_equals_stacked_tensors() -> None:
     a = audit(tiny_cnn, ds, **settings)
     b = audit(tiny_cnn, ds.tensors(), **settings)
     assert a.scores_in == b.scores_in and a.scores_out == b.scores_out
+
+
+def test_every_run_is_built_by_make_private(monkeypatch) -> None:
+    """Each run of each world builds its optimizer and loader with make_private."""
+    calls = []
+    real = runs_module.make_private
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "make_private", counting)
+    settings = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "steps": 2, "engine": ENGINE}
+    result = audit(tiny_cnn, tiny_data(), sample_rate=0.5, trials=3, **settings)
+    assert len(calls) == 6 and result.trials == 3
+    assert {c["public_batch_size"] for c in calls} == {2}
+    assert all(c["noise_multiplier"] == 1.0 and c["engine"] == ENGINE for c in calls)
+
+
+def test_settings_are_the_keywords() -> None:
+    """``settings=`` audits the same mechanism as the keywords; never both."""
+    x, m, y = tiny_data()
+    plan = {"steps": 2, "trials": 3, "seed": 2}
+    keywords = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "engine": ENGINE}
+    by_keywords = audit(tiny_cnn, (x, m, y), sample_rate=0.5, **keywords, **plan)
+    settings = PrivacySettings.build(sample_rate=0.5, expected_batch_size=2, **keywords)
+    by_settings = audit(tiny_cnn, (x, m, y), settings=settings, **plan)
+    assert by_settings == by_keywords
+    with pytest.raises(InvalidInputError, match="not both"):
+        audit(tiny_cnn, (x, m, y), settings=settings, noise_multiplier=1.0, **plan)
+    with pytest.raises(InvalidInputError, match="expected_batch_size"):
+        audit(tiny_cnn, (x, m, y), settings=settings.replace(expected_batch_size=3), **plan)
+    with pytest.raises(InvalidInputError, match="noise_multiplier="):
+        audit(tiny_cnn, (x, m, y), max_grad_norm=0.1, **plan)
+    with pytest.raises(InvalidInputError, match="PrivacySettings"):
+        audit(tiny_cnn, (x, m, y), settings=dict(keywords), **plan)
 
 
 SENSITIVE = {

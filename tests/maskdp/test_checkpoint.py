@@ -79,7 +79,9 @@ def test_a_refused_checkpoint_changes_nothing(tmp_path, case, message):
     model, opt = setup(seed=4, model_seed=1)
     live_loader = loader(0.2)
     if case == "other model":
-        model = maskdp.models.VideoViT(num_classes=4, frames=4, image_size=16, dim=16, depth=1, heads=2)
+        model = maskdp.models.VideoViT(
+            num_classes=4, frames=4, image_size=16, dim=16, depth=1, heads=2
+        )
         model = model.double()  # same keys as tiny_vit, a 4-class head
         opt = wrap(model, inner=torch.optim.AdamW(model.parameters()), view=opt.view, **KW)
     elif case == "missing key":

@@ -124,7 +124,7 @@ def inspect(run_dir: Path) -> str:
         assert state["extra"]["step"] == TOTAL_STEPS
         assert strict_json(run_dir / METRICS)["steps"] == TOTAL_STEPS
         return "done"
-    return f"step-{state['step']}"
+    return f"step-{state['extra']['step']}"
 
 
 def launch(run_dir: Path) -> subprocess.Popen:

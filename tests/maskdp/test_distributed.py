@@ -288,6 +288,7 @@ def two_ranks(spawned: Path) -> list[dict]:
     return [torch.load(spawned / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow  # spawns two processes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_ddp_update_equals_the_single_process_update(two_ranks, engine: str) -> None:
     assert_equals_single_process(two_ranks, engine)
@@ -319,6 +320,7 @@ def assert_equals_single_process(two_ranks: list[dict], engine: str) -> None:
         assert torch.equal(p, two_ranks[1][engine]["params"][name])
 
 
+@pytest.mark.slow  # spawns two processes
 def test_noise_enters_once_not_per_rank(two_ranks) -> None:
     """If each rank added sigma C noise (rank 1 from another seed), the 2-rank update would
     differ from one process's by a fresh Gaussian; the spread shows the noise is there."""
@@ -332,6 +334,7 @@ def test_noise_enters_once_not_per_rank(two_ranks) -> None:
     assert spread > 0.5 * noise_std
 
 
+@pytest.mark.slow  # spawns two processes
 def test_make_private_gives_each_rank_its_shard(two_ranks) -> None:
     cases = [result["make_private"] for result in two_ranks]
     for rank, case in enumerate(cases):
@@ -357,6 +360,7 @@ def test_make_private_gives_each_rank_its_shard(two_ranks) -> None:
         assert torch.equal(p, cases[1]["params"][name]), name
 
 
+@pytest.mark.slow  # spawns two processes
 def test_sum_gradients_over_ranks(two_ranks) -> None:
     for result in two_ranks:
         case = result["gradients"]
@@ -365,6 +369,7 @@ def test_sum_gradients_over_ranks(two_ranks) -> None:
         assert case["a"] is None and case["b"] is None  # cleared for the empty global batch
 
 
+@pytest.mark.slow  # spawns two processes
 def test_settings_that_differ_between_ranks_are_refused(two_ranks) -> None:
     for result in two_ranks:
         errors = result["mismatch"]
@@ -426,7 +431,7 @@ def _train_runs(rank: int, world: int, ports: list[int], out: str) -> None:
                 final.update({k: v.detach().clone() for k, v in run.model.state_dict().items()})
 
         metrics = train(build_config(**options), Path(out) / f"ddp-{name}", on_step=keep_final)
-        torch.save(metrics, Path(out) / f"metrics-{name}-{rank}.pt")
+        torch.save(metrics.to_dict(), Path(out) / f"metrics-{name}-{rank}.pt")
         torch.save(final, Path(out) / f"model-{name}-{rank}.pt")
         assert not dist.is_initialized()  # train() destroys the group it created
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -450,6 +455,7 @@ def _assert_same_accounting(got: Path, ref: Path) -> None:
         assert ma[key] == mb[key], key
 
 
+@pytest.mark.slow  # spawns two processes
 def test_train_with_two_gloo_ranks_matches_one_process(spawned: Path, tmp_path: Path) -> None:
     from maskdp.trainer.config import build_config
     from maskdp.trainer.run import train
@@ -459,9 +465,9 @@ def test_train_with_two_gloo_ranks_matches_one_process(spawned: Path, tmp_path: 
         run_dir = spawned / f"ddp-{name}"
         metrics = [torch.load(spawned / f"metrics-{name}-{r}.pt") for r in range(WORLD)]
         for got in metrics:
-            assert got["epsilon"] == single["epsilon"]
-            assert got["steps"] == single["steps"]
-            assert got["private_steps"] == single["private_steps"]
+            assert got["epsilon"] == single.epsilon
+            assert got["steps"] == single.steps
+            assert got["private_steps"] == single.private_steps
             assert got["run_dir"] == str(run_dir)
         assert metrics[0]["accuracy"] == metrics[1]["accuracy"]  # one model, evaluated twice
         # The replicas stayed identical, and rank 0 saved that model.

@@ -21,16 +21,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from maskdp.engines.base import ClippedSum, MaskedBatch, resolve_engine
+from maskdp.engines.ghost.conv import conv_patches
 from maskdp.engines.ghost.engine import GhostEngine, plan_layers
-from maskdp.engines.ghost.layers import (
-    RULES,
-    Pair,
-    Pass,
-    conv_patches,
-    layer_result,
-    rule_for,
-    zero_dropped,
-)
+from maskdp.engines.ghost.registry import RULES, rule_for
+from maskdp.engines.ghost.rules import Pair, Pass, layer_result, zero_dropped
 from maskdp.engines.reference import ReferenceEngine
 from maskdp.errors import UnsupportedModelError
 from maskdp.mechanism.gradient import make_batch, masked_gradient
@@ -249,7 +243,7 @@ def test_conv_patches_match_unfold():
 
 def test_auto_mode_chooses_by_cost():
     """Few rows, wide layer: ghost; many rows, narrow layer: instantiate."""
-    from maskdp.engines.ghost.layers import uses_ghost
+    from maskdp.engines.ghost.rules import uses_ghost
 
     rule = RULES[nn.Linear]
     wide = Pass((_x(2, 1, 64),), _x(2, 1, 64, seed=1))

@@ -153,7 +153,7 @@ def test_make_private_refuses_generator_seeding():
         setup(randomness=torch.Generator().manual_seed(0))
     with pytest.raises(InvalidInputError, match="torch.Generator"):
         setup(public_randomness=torch.Generator().manual_seed(0))
-    with pytest.raises(TypeError, match="generator"):
+    with pytest.raises(InvalidInputError, match="unknown privacy setting 'generator'"):
         setup(generator=torch.Generator().manual_seed(0))
 
 

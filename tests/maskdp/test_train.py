@@ -7,6 +7,9 @@ from its checkpoint but does not replay the draws of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -18,8 +21,10 @@ import torch
 from maskdp.accounting.ledger import PrivacyLedger
 
 from maskdp.errors import InvalidInputError
-from maskdp.trainer.config import build_config
-from maskdp.trainer.run import CHECKPOINT, CONFIG, METRICS, Run, evaluate, train
+from maskdp.trainer.artifacts import evaluate
+from maskdp.trainer.config import TrainConfig, build_config
+from maskdp.trainer.result import TrainResult
+from maskdp.trainer.run import CHECKPOINT, CONFIG, METRICS, Run, train
 
 TINY = dict(
     train_size=32,
@@ -33,6 +38,19 @@ TINY = dict(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``maskdp ARGS`` in this process (exit code, stdout, stderr), as the script runs it."""
+    from maskdp.accounting.cli import run
+
+    from maskdp.cli.app import app
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run(app, list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    """The installed entry point in a subprocess (the slow tier)."""
     return subprocess.run(
         [sys.executable, "-m", "maskdp.cli.app", *args], capture_output=True, text=True, timeout=600
     )
@@ -46,7 +64,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     stored = json.loads((run / METRICS).read_text())
     assert {"epsilon", "delta", "steps", "accuracy"} <= stored.keys()
-    assert stored == metrics
+    assert stored == metrics.to_dict()
     # steps = ceil(epochs / q) with q = B / N; epsilon is the ledger's for (q, sigma, steps)
     q = config.batch_size / config.train_size
     assert stored["steps"] == math.ceil(config.epochs / q)
@@ -96,15 +114,15 @@ def test_resume_after_interruption_continues_the_ledger(tmp_path: Path) -> None:
     # It went on from the checkpoint with its ledger: step k is the optimizer's k-th step.
     assert seen == [(k, 8, k) for k in range(5, 9)]
     for key in ("epsilon", "delta", "steps", "private_steps", "noise_multiplier", "sample_rate"):
-        assert resumed[key] == reference[key], key
-    assert resumed["steps"] == 8
+        assert getattr(resumed, key) == getattr(reference, key), key
+    assert resumed.steps == 8
     whole, cut = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "cut")
     assert whole["extra"]["step"] == cut["extra"]["step"] == 8
     assert whole["optimizer"]["ledger"] == cut["optimizer"]["ledger"]
     assert cut["optimizer"]["steps"] == 8  # the lost steps 5 and 6 were not charged twice
     ledger = PrivacyLedger.from_dict(cut["optimizer"]["ledger"])
     assert ledger.steps == 8
-    assert ledger.epsilon(config.delta) == resumed["epsilon"]
+    assert ledger.epsilon(config.delta) == resumed.epsilon
     # Not a replay: the resumed run drew fresh secret noise and batches.
     assert _differs(whole["model"], cut["model"])
 
@@ -120,7 +138,7 @@ def test_noise_and_sampling_are_not_determined_by_the_config(tmp_path: Path) -> 
 
     a = train(config, tmp_path / "a")
     b = train(config, tmp_path / "b")
-    assert a["epsilon"] == b["epsilon"] and a["steps"] == b["steps"]
+    assert a.epsilon == b.epsilon and a.steps == b.steps
     ca, cb = _checkpoint(tmp_path / "a"), _checkpoint(tmp_path / "b")
     assert ca["optimizer"]["ledger"] == cb["optimizer"]["ledger"]
     assert _differs(ca["model"], cb["model"])
@@ -146,13 +164,13 @@ def test_noise_and_sampling_are_not_determined_by_the_config(tmp_path: Path) -> 
 def test_evaluate_reports_the_stored_run(tmp_path: Path) -> None:
     metrics = train(build_config(**TINY, noise_multiplier=2.0), tmp_path / "run")
     again = evaluate(tmp_path / "run")
-    assert again["accuracy"] == metrics["accuracy"]
-    assert again["epsilon"] == pytest.approx(metrics["epsilon"], rel=1e-12)
+    assert again["accuracy"] == metrics.accuracy
+    assert again["epsilon"] == pytest.approx(metrics.epsilon, rel=1e-12)
 
 
 def test_nonprivate_mode_reports_no_epsilon(tmp_path: Path) -> None:
     metrics = train(build_config(**TINY, mode="nonprivate"), tmp_path / "run")
-    assert metrics["epsilon"] is None and metrics["delta"] is None
+    assert metrics.epsilon is None and metrics.delta is None
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:
@@ -167,14 +185,15 @@ def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
 
 
+@pytest.mark.slow  # the real script in a subprocess
 def test_cli_train_json_and_evaluate(tmp_path: Path) -> None:
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    done = _cli("train", "--run-dir", str(tmp_path / "run"), *args, "--json")
+    done = _script("train", "--run-dir", str(tmp_path / "run"), *args, "--json")
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     assert {"epsilon", "delta", "steps", "accuracy"} <= metrics.keys()
     assert metrics["epsilon"] <= 1.0
-    shown = _cli("evaluate", str(tmp_path / "run"), "--json")
+    shown = _script("evaluate", str(tmp_path / "run"), "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["accuracy"] == metrics["accuracy"]
 
@@ -187,7 +206,7 @@ def test_cli_export_writes_the_model_state_dict_alone(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["weights"] == str(out)
-    assert report["epsilon"] == pytest.approx(metrics["epsilon"], rel=1e-12)
+    assert report["epsilon"] == pytest.approx(metrics.epsilon, rel=1e-12)
     assert report["delta"] == config.delta
     # A plain state_dict: loads without unpickling code, into a fresh model, nothing else.
     weights = torch.load(out, map_location="cpu", weights_only=True)
@@ -223,7 +242,8 @@ def test_cli_export_refuses_an_existing_output(tmp_path: Path) -> None:
         (["--batch-size", "0"], "batch_size"),
         (["--target-epsilon", "nan"], "target_epsilon"),
         (["--target-epsilon", "-1"], "target_epsilon"),
-        (["--view", "blur"], "view"),
+        (["--view", "blur"], "'fill', 'random', 'inpaint', 'drop'"),
+        (["--weight-decay", "-1"], "weight_decay"),
         (["--mode", "magic"], "mode"),
         (["--target-epsilon", "1", "--noise-multiplier", "1"], "not both"),
         (["--resume"], "--resume needs --run-dir"),
@@ -252,3 +272,55 @@ def test_cli_evaluate_of_a_non_run_directory_exits_2(tmp_path: Path) -> None:
     done = _cli("evaluate", str(tmp_path))
     assert done.returncode == 2
     assert "not a run directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_result_is_frozen_and_is_metrics_json(tmp_path: Path) -> None:
+    result = train(build_config(**TINY, noise_multiplier=1.0), tmp_path / "run")
+    assert isinstance(result, TrainResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.steps = 0  # type: ignore[misc]
+    assert list(result.to_dict()) == [f.name for f in dataclasses.fields(TrainResult)]
+    assert json.loads((tmp_path / "run" / METRICS).read_text()) == result.to_dict()
+    assert result.run_dir == str(tmp_path / "run") and result.train_seconds >= 0
+
+
+def test_cli_train_has_one_option_per_config_field() -> None:
+    """Generated from TrainConfig: name, default, help; Literal fields are choices."""
+    import typer
+
+    from maskdp.cli.app import app
+
+    options = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    assert {"run_dir", "resume", "config", "threads", "as_json", "progress"} < options.keys()
+    for name, field in TrainConfig.model_fields.items():
+        option, flag = options[name], "--" + name.replace("_", "-")
+        assert option.opts == [flag], name
+        assert option.default == field.default, name
+        assert field.description and field.description in option.help, name
+    assert options["temporal_centering"].secondary_opts == ["--no-temporal-centering"]
+    assert "One of: fill, random, inpaint, drop." in options["view"].help  # and a click choice
+
+
+def test_cli_flags_override_the_config_file(tmp_path: Path, monkeypatch) -> None:
+    """Only options given on the command line override --config; unset ones keep its values."""
+    from maskdp.accounting.cli import run as run_cli
+
+    from maskdp.cli.app import app
+
+    seen: list[TrainConfig] = []
+
+    def fake_train(config: TrainConfig, run_dir, **_) -> TrainResult:
+        seen.append(config)
+        return TrainResult("maskdp", 1.0, 1e-5, 1, 1, 1.0, 0.1, 0.5, 0.0, str(run_dir))
+
+    monkeypatch.setattr("maskdp.trainer.run.train", fake_train)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps({"lr": 0.01, "seed": 5, "temporal_centering": False}))
+    assert run_cli(app, ["train", "--json", "--config", str(file)]) == 0
+    assert (seen[-1].lr, seen[-1].seed, seen[-1].temporal_centering) == (0.01, 5, False)
+    args = ["--lr", "0.02", "--temporal-centering", "--weight-decay", "0.1", "--view", "drop"]
+    assert run_cli(app, ["train", "--json", "--config", str(file), *args]) == 0
+    got = seen[-1]
+    assert (got.lr, got.seed, got.temporal_centering) == (0.02, 5, True)
+    assert (got.weight_decay, got.view) == (0.1, "drop")

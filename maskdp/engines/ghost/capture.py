@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from maskdp.engines.ghost.layers import LayerRule
+from maskdp.engines.ghost.rules import LayerRule
 from maskdp.errors import UnsupportedModelError
 
 FIX = "use engine='vmap' (torch.func handles any layer)"
