@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from maskdp.accounting.choices import Accountant
 from maskdp.accounting.errors import AccountingError
@@ -64,7 +65,8 @@ __all__ = [
 
 _GuaranteeParams = EpsilonParams | NoiseParams | StepsParams
 """Inputs that fix delta, the conversion and the relation of an epsilon guarantee."""
-_Params = _GuaranteeParams | RiskParams
+_P = TypeVar("_P", EpsilonParams, NoiseParams, StepsParams, RiskParams)
+_R = TypeVar("_R", EpsilonReport, NoiseReport, StepsReport, RiskReport)
 
 
 def _finite(value: float, what: str) -> float:
@@ -82,22 +84,23 @@ def _warn_delta(delta: float | None, dataset_size: int | None) -> None:
             f"delta={delta:g} is not below 1/dataset_size={1 / dataset_size:g}: the guarantee "
             "allows leaking a whole record; choose a smaller delta",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of the *_report function (via _report)
         )
 
 
-def _rate(params: _Params) -> dict[str, Any]:
-    """The sampling-rate inputs of a report: ``q`` and the sizes it came from, if any."""
-    return {
-        "sample_rate": params.q,
-        "dataset_size": params.dataset_size,
-        "batch_size": params.batch_size,
-    }
+_RESOLVED = {"sample_rate": "q", "steps": "num_steps"}
+"""Report inputs whose value is resolved from the parameters: the rate q and the step count."""
 
 
-def _length(params: EpsilonParams | NoiseParams | RiskParams) -> dict[str, Any]:
-    """The training-length inputs of a report: the step count and the epochs, if given."""
-    return {"steps": params.num_steps, "epochs": params.epochs}
+def _report(report: type[_R], params: _P, result: Callable[[Accountant, _P], Any]) -> _R:
+    """``report`` of one ``result`` per accountant asked for. Its inputs are the parameters of
+    the same names, resolved (``sample_rate`` is q, ``steps`` the step count); warns first
+    when ``delta`` is not below ``1 / dataset_size``."""
+    _warn_delta(params.delta, params.dataset_size)
+    results = tuple(result(accountant, params) for accountant in params.accountants)
+    names = [f.name for f in fields(report) if f.name not in ("accountant", "results")]
+    inputs = {name: getattr(params, _RESOLVED.get(name, name)) for name in names}
+    return report(accountant=params.accountant, results=results, **inputs)
 
 
 # --- epsilon ---------------------------------------------------------------------------------
@@ -149,104 +152,70 @@ _READERS: dict[Accountant, Callable[..., EpsilonBound]] = {"rdp": _read_rdp, "pr
 
 def epsilon_report(params: EpsilonParams) -> EpsilonReport:
     """The (epsilon, delta) guarantee of ``steps`` Poisson-subsampled Gaussian steps."""
-    _warn_delta(params.delta, params.dataset_size)
-    results = tuple(
-        _epsilon_bound(
-            accountant, params, noise_multiplier=params.noise_multiplier, steps=params.num_steps
-        )
-        for accountant in params.accountants
-    )
-    return EpsilonReport(
-        accountant=params.accountant,
-        results=results,
-        **_rate(params),
-        **_length(params),
-        noise_multiplier=params.noise_multiplier,
-        delta=params.delta,
-        relation=params.relation,
-    )
+
+    def bound(accountant: Accountant, p: EpsilonParams) -> EpsilonBound:
+        return _epsilon_bound(accountant, p, noise_multiplier=p.noise_multiplier, steps=p.num_steps)
+
+    return _report(EpsilonReport, params, bound)
 
 
 # --- calibration -----------------------------------------------------------------------------
+
+
+def _target(accountant: Accountant, params: NoiseParams | StepsParams) -> dict[str, Any]:
+    """What calibration must meet, as the keyword arguments that
+    :func:`~maskdp.accounting.calibration.calibrate_noise` and
+    :func:`~maskdp.accounting.calibration.max_steps` share: epsilon at most
+    ``target_epsilon`` at ``delta`` under this accountant, conversion and relation, at rate q."""
+    return {
+        "target_epsilon": params.target_epsilon,
+        "delta": params.delta,
+        "sample_rate": params.q,
+        "accountant": accountant,
+        "conversion": params.conversion,
+        "relation": params.relation,
+    }
+
+
+def _achieved(
+    accountant: Accountant,
+    params: NoiseParams | StepsParams,
+    *,
+    noise_multiplier: float,
+    steps: int,
+) -> dict[str, Any]:
+    """The accountant and the epsilon (with its conversion) a calibrated answer achieves."""
+    bound = _epsilon_bound(accountant, params, noise_multiplier=noise_multiplier, steps=steps)
+    return {"accountant": accountant, "epsilon": bound.epsilon, "conversion": bound.conversion}
 
 
 def _noise_result(accountant: Accountant, params: NoiseParams) -> NoiseResult:
     """One accountant's smallest certified noise and the epsilon it achieves."""
     from maskdp.accounting.calibration import calibrate_noise
 
-    sigma = calibrate_noise(
-        params.target_epsilon,
-        params.delta,
-        sample_rate=params.q,
-        steps=params.num_steps,
-        accountant=accountant,
-        conversion=params.conversion,
-        relation=params.relation,
-    )
-    achieved = _epsilon_bound(accountant, params, noise_multiplier=sigma, steps=params.num_steps)
-    return NoiseResult(
-        accountant=accountant,
-        noise_multiplier=_finite(sigma, "the noise multiplier"),
-        epsilon=achieved.epsilon,
-        conversion=achieved.conversion,
-    )
+    sigma = calibrate_noise(steps=params.num_steps, **_target(accountant, params))
+    achieved = _achieved(accountant, params, noise_multiplier=sigma, steps=params.num_steps)
+    return NoiseResult(noise_multiplier=_finite(sigma, "the noise multiplier"), **achieved)
 
 
 def noise_report(params: NoiseParams) -> NoiseReport:
     """The smallest noise multiplier whose epsilon at ``delta`` is at most the target."""
-    _warn_delta(params.delta, params.dataset_size)
-    results = tuple(_noise_result(accountant, params) for accountant in params.accountants)
-    return NoiseReport(
-        accountant=params.accountant,
-        results=results,
-        **_rate(params),
-        **_length(params),
-        target_epsilon=params.target_epsilon,
-        delta=params.delta,
-        relation=params.relation,
-    )
+    return _report(NoiseReport, params, _noise_result)
 
 
 def _steps_result(accountant: Accountant, params: StepsParams) -> StepsResult:
     """One accountant's largest certified step count, its epochs and its epsilon."""
     from maskdp.accounting.calibration import max_steps
 
-    steps = int(
-        max_steps(
-            params.target_epsilon,
-            params.delta,
-            sample_rate=params.q,
-            noise_multiplier=params.noise_multiplier,
-            accountant=accountant,
-            conversion=params.conversion,
-            relation=params.relation,
-        )
-    )
-    achieved = _epsilon_bound(
-        accountant, params, noise_multiplier=params.noise_multiplier, steps=steps
-    )
-    return StepsResult(
-        accountant=accountant,
-        steps=steps,
-        epochs=steps * params.q,
-        epsilon=achieved.epsilon,
-        conversion=achieved.conversion,
-    )
+    sigma = params.noise_multiplier
+    steps = int(max_steps(noise_multiplier=sigma, **_target(accountant, params)))
+    achieved = _achieved(accountant, params, noise_multiplier=sigma, steps=steps)
+    return StepsResult(steps=steps, epochs=steps * params.q, **achieved)
 
 
 def steps_report(params: StepsParams) -> StepsReport:
     """The largest number of steps whose epsilon at ``delta`` is at most the target."""
-    _warn_delta(params.delta, params.dataset_size)
-    results = tuple(_steps_result(accountant, params) for accountant in params.accountants)
-    return StepsReport(
-        accountant=params.accountant,
-        results=results,
-        **_rate(params),
-        noise_multiplier=params.noise_multiplier,
-        target_epsilon=params.target_epsilon,
-        delta=params.delta,
-        relation=params.relation,
-    )
+    return _report(StepsReport, params, _steps_result)
 
 
 # --- risk ------------------------------------------------------------------------------------
@@ -272,17 +241,7 @@ def _risk_bound(accountant: Accountant, params: RiskParams) -> RiskBound:
 
 def risk_report(params: RiskParams) -> RiskReport:
     """Bounds on a membership attacker's TPR at ``fpr`` (hypothesis-testing view of DP)."""
-    _warn_delta(params.delta, params.dataset_size)
-    results = tuple(_risk_bound(accountant, params) for accountant in params.accountants)
-    return RiskReport(
-        accountant=params.accountant,
-        results=results,
-        **_rate(params),
-        **_length(params),
-        noise_multiplier=params.noise_multiplier,
-        fpr=params.fpr,
-        delta=params.delta,
-    )
+    return _report(RiskReport, params, _risk_bound)
 
 
 # --- keyword entry points -------------------------------------------------------------------

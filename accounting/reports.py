@@ -13,7 +13,7 @@ Frozen dataclasses, standard library only: :mod:`maskdp.accounting.api` fills th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from maskdp.accounting.choices import Accountant
 
@@ -104,20 +104,28 @@ class RiskBound:
 
 # --- reports --------------------------------------------------------------------------------
 
+_Result = TypeVar("_Result", EpsilonBound, NoiseResult, StepsResult, RiskBound)
+
 
 @dataclass(frozen=True, kw_only=True)
-class _Report:
+class _Report(Generic[_Result]):
     """Inputs (resolved), the accountant asked for, and one result per accountant."""
 
     accountant: str
-    results: tuple[Any, ...]
+    results: tuple[_Result, ...]
 
     HEADLINE: ClassVar[tuple[str, ...]] = ()
+    """The headline keys; the first one ranks the results."""
+    LARGEST_IS_BEST: ClassVar[bool] = False
+    """Whether the best result has the largest first headline key (else the smallest)."""
 
     @property
-    def best(self) -> Any:
-        """The result with the best guarantee (each report says which is best)."""
-        raise NotImplementedError
+    def best(self) -> _Result:
+        """The result with the best guarantee: the smallest first headline key (the largest
+        when ``LARGEST_IS_BEST``), the first such result on a tie."""
+        key = self.HEADLINE[0]
+        pick = max if self.LARGEST_IS_BEST else min
+        return pick(self.results, key=lambda result: getattr(result, key))
 
     def inputs(self) -> dict[str, Any]:
         """The inputs as resolved (``sample_rate``, ``steps``, ...), without the absent ones."""
@@ -142,7 +150,7 @@ class _Report:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EpsilonReport(_Report):
+class EpsilonReport(_Report[EpsilonBound]):
     """``epsilon``: the smallest upper bound on epsilon at ``delta`` over the accountants."""
 
     sample_rate: float
@@ -157,16 +165,12 @@ class EpsilonReport(_Report):
     HEADLINE: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     @property
-    def best(self) -> EpsilonBound:
-        return min(self.results, key=lambda r: r.epsilon)
-
-    @property
     def epsilon(self) -> float:
         return self.best.epsilon
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoiseReport(_Report):
+class NoiseReport(_Report[NoiseResult]):
     """``noise_multiplier``: the smallest certified noise for ``target_epsilon``."""
 
     sample_rate: float
@@ -181,16 +185,12 @@ class NoiseReport(_Report):
     HEADLINE: ClassVar[tuple[str, ...]] = ("noise_multiplier", "epsilon")
 
     @property
-    def best(self) -> NoiseResult:
-        return min(self.results, key=lambda r: r.noise_multiplier)
-
-    @property
     def noise_multiplier(self) -> float:
         return self.best.noise_multiplier
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepsReport(_Report):
+class StepsReport(_Report[StepsResult]):
     """``steps``: the largest certified step count for ``target_epsilon``."""
 
     sample_rate: float
@@ -202,10 +202,7 @@ class StepsReport(_Report):
     batch_size: int | None = None
 
     HEADLINE: ClassVar[tuple[str, ...]] = ("steps", "epochs", "epsilon")
-
-    @property
-    def best(self) -> StepsResult:
-        return max(self.results, key=lambda r: r.steps)
+    LARGEST_IS_BEST: ClassVar[bool] = True
 
     @property
     def steps(self) -> int:
@@ -213,7 +210,7 @@ class StepsReport(_Report):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RiskReport(_Report):
+class RiskReport(_Report[RiskBound]):
     """``tpr_upper``: the smallest bound on an attacker's TPR at ``fpr``."""
 
     sample_rate: float
@@ -226,10 +223,6 @@ class RiskReport(_Report):
     epochs: float | None = None
 
     HEADLINE: ClassVar[tuple[str, ...]] = ("tpr_upper", "advantage_upper")
-
-    @property
-    def best(self) -> RiskBound:
-        return min(self.results, key=lambda r: r.tpr_upper)
 
     @property
     def tpr_upper(self) -> float:

@@ -12,14 +12,12 @@ accountant's epsilon; with the independent public batch it must stay below.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+import _common
+
+_common.setup()  # before torch: one thread; the repository's packages first
 
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402

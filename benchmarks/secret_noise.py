@@ -6,17 +6,12 @@ python benchmarks/secret_noise.py --write
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+import _common
+
+_common.setup()  # before torch: one thread; the repository's packages first
 
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402
@@ -61,7 +56,7 @@ def main() -> None:
         ]
     )
     if args.write:
-        replace_section(_HERE / "RESULTS.md", HEADING, body)
+        replace_section(_common.HERE / "RESULTS.md", HEADING, body)
 
 
 if __name__ == "__main__":

@@ -35,32 +35,26 @@ Usage::
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import gc
+import json
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = "1"
+import _common
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+_common.setup()  # before torch: one thread; the repository's packages first
 
 import torch  # noqa: E402
 from results_file import replace_section  # noqa: E402
@@ -153,29 +147,24 @@ def _opacus(problem: Problem, mode: str) -> Step:
     loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
     engine = PrivacyEngine()
     loss_fn = nn.CrossEntropyLoss()
+    # Ghost clipping wraps the loss too (and returns it): it takes the criterion.
+    criterion = {"criterion": loss_fn} if mode == "ghost" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if mode == "ghost":
-            model, opt, loss_fn, _ = engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                criterion=loss_fn,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=False,
-                grad_sample_mode="ghost",
-            )
-        else:
-            model, opt, _ = engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=False,
-                grad_sample_mode="hooks",
-            )
+        made = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
+            **criterion,
+        )
+    if mode == "ghost":
+        model, opt, loss_fn, _ = made
+    else:
+        model, opt, _ = made
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -32,30 +32,25 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import multiprocessing
 import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = "1"
+import _common
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-sys.path.append(str(_HERE))  # results_file; last, so it shadows no package
+_common.setup()  # before torch: one thread; the repository's packages first
 
 from results_file import replace_section  # noqa: E402
 
@@ -260,9 +255,26 @@ def _eps(result: dict[str, Any]) -> float | None:
     return result["metrics"].get("epsilon")
 
 
-def main_table(results: list[dict[str, Any]], init: dict[str, dict[str, Any]]) -> str:
+def _dp_bound(result: dict[str, Any]) -> str:
+    """The DP bound e^eps / K + delta of identity inference (K = 8 identities), or "-"."""
     from maskdp.analysis.leakage import attribute_inference_bound
 
+    eps = _eps(result)
+    if eps is None:
+        return "-"
+    return f"{attribute_inference_bound(eps, result['metrics']['delta'], 8):.3f}"
+
+
+def _training_cells(m: dict[str, Any]) -> str:
+    """The cells "sigma | steps (public+private) | train s" of a run's metrics."""
+    public_steps = m["steps"] - m["private_steps"]
+    train_seconds = m.get("train_seconds", float("nan"))
+    return (
+        f"{m['noise_multiplier']:.2f} | {public_steps}+{m['private_steps']} | {train_seconds:.0f}"
+    )
+
+
+def main_table(results: list[dict[str, Any]], init: dict[str, dict[str, Any]]) -> str:
     lines = []
     for scenario in SCENARIOS:
         rows = [r for r in results if r["table"] == "main" and r["scenario"] == scenario]
@@ -285,16 +297,11 @@ def main_table(results: list[dict[str, Any]], init: dict[str, dict[str, Any]]) -
         for r in rows:
             m, a = r["metrics"], r["attacks"]
             eps = _eps(r)
-            bound = (
-                f"{attribute_inference_bound(eps, m['delta'], 8):.3f}" if eps is not None else "-"
-            )
-            public_steps = m["steps"] - m["private_steps"]
             lines.append(
                 f"| {r['label']} | {'-' if eps is None else f'{eps:.2f}'} | {m['accuracy']:.3f} "
                 f"| {m['accuracy'] / ref_acc:.0%} | {_ci(a['probe'])} | "
-                f"{_ci(a['inference_train'])} | {_ci(a['inference_heldout'])} | {bound} | "
-                f"{m['noise_multiplier']:.2f} | {public_steps}+{m['private_steps']} | "
-                f"{m.get('train_seconds', float('nan')):.0f} |"
+                f"{_ci(a['inference_train'])} | {_ci(a['inference_heldout'])} | {_dp_bound(r)} | "
+                f"{_training_cells(m)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -344,19 +351,15 @@ def ablation_table(results: list[dict[str, Any]]) -> str:
         ]
         for r in rows:
             m, a = r["metrics"], r["attacks"]
-            public_steps = m["steps"] - m["private_steps"]
             lines.append(
                 f"| {r['label']} | {m['accuracy']:.3f} | {_ci(a['probe'])} | "
-                f"{_ci(a['inference_train'])} | {m['noise_multiplier']:.2f} | "
-                f"{public_steps}+{m['private_steps']} | {m.get('train_seconds', float('nan')):.0f} |"
+                f"{_ci(a['inference_train'])} | {_training_cells(m)} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
 def memo_table(results: list[dict[str, Any]]) -> str:
-    from maskdp.analysis.leakage import attribute_inference_bound
-
     rows = [r for r in results if r["table"] == "memo"]
     if not rows:
         return ""
@@ -370,11 +373,9 @@ def memo_table(results: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         m, a = r["metrics"], r["attacks"]
-        eps = _eps(r)
-        bound = f"{attribute_inference_bound(eps, m['delta'], 8):.3f}" if eps is not None else "-"
         lines.append(
             f"| {r['scenario']} | {r['label']} | {m['accuracy']:.3f} | "
-            f"{_ci(a['inference_train'])} | {_ci(a['inference_heldout'])} | {bound} | "
+            f"{_ci(a['inference_train'])} | {_ci(a['inference_heldout'])} | {_dp_bound(r)} | "
             f"{_ci(a['probe'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -417,7 +418,8 @@ def time_default_command(threads: tuple[int, ...] = (1, 2)) -> str:
 
     exe = shutil.which("maskdp")
     base = [exe] if exe else [sys.executable, "-m", "maskdp.cli.app"]
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    pinned = _common.THREAD_VARIABLES
+    env = {k: v for k, v in os.environ.items() if not (k in pinned or k.endswith("_NUM_THREADS"))}
     lines = [
         "| command | wall s (process) | train s | action acc. | epsilon |",
         "|---|---|---|---|---|",

@@ -16,18 +16,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_noise_multiplier(value: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise InvalidInputError(
-            f"noise_multiplier must be a finite number >= 0 (0 only for testing), got {value!r}"
-        )
+def check_finite(name: str, value: Any, *, positive: bool = False, note: str = "") -> float:
+    """A finite number (never a bool) ``>= 0``, or ``> 0`` when ``positive``; ``note`` follows
+    the rule in the message."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        rule = "> 0" if positive else ">= 0"
+        raise InvalidInputError(f"{name} must be a finite number {rule}{note}, got {value!r}")
     return float(value)
+
+
+def check_noise_multiplier(value: float) -> float:
+    return check_finite("noise_multiplier", value, note=" (0 only for testing)")
 
 
 def check_max_grad_norm(value: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise InvalidInputError(f"max_grad_norm must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_finite("max_grad_norm", value, positive=True)
 
 
 def check_sample_rate(value: float, name: str = "sample_rate") -> float:
@@ -53,9 +56,7 @@ def check_delta(value: float, name: str = "delta") -> float:
 
 
 def check_target_epsilon(value: float) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise InvalidInputError(f"target_epsilon must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_finite("target_epsilon", value, positive=True)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -235,15 +235,22 @@ def _read_video(path: Path) -> Tensor:
     return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 255.0
 
 
+def _tensor(value: Any, what: str, path: Path | str, where: str, layout: str) -> Tensor:
+    """``value`` (a tensor or numpy array) as a tensor with one dimension per letter of
+    ``layout`` (``"CTHW"``: (C, T, H, W)), or :class:`InvalidInputError`."""
+    value = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+    if not isinstance(value, Tensor):
+        raise InvalidInputError(f"{where}: {what} {path} is a {type(value).__name__}, not a tensor")
+    if value.dim() != len(layout):
+        raise InvalidInputError(
+            f"{where}: {what} {path} has shape {tuple(value.shape)}, expected ({', '.join(layout)})"
+        )
+    return value
+
+
 def check_clip(clip: Any, path: Path | str, where: str) -> Tensor:
     """A finite floating-point clip (C, T, H, W) as float32, or :class:`InvalidInputError`."""
-    clip = torch.as_tensor(clip) if isinstance(clip, np.ndarray) else clip
-    if not isinstance(clip, Tensor):
-        raise InvalidInputError(f"{where}: clip {path} is a {type(clip).__name__}, not a tensor")
-    if clip.dim() != 4:
-        raise InvalidInputError(
-            f"{where}: clip {path} has shape {tuple(clip.shape)}, expected (C, T, H, W)"
-        )
+    clip = _tensor(clip, "clip", path, where, "CTHW")
     if not clip.is_floating_point():
         raise InvalidInputError(
             f"{where}: clip {path} has dtype {clip.dtype}; clips must be floating point "
@@ -257,14 +264,7 @@ def check_clip(clip: Any, path: Path | str, where: str) -> Tensor:
 
 def check_mask(mask: Any, path: Path | str, where: str) -> Tensor:
     """A bool mask (T, H, W) from bool or 0/1 integers, or :class:`InvalidInputError`."""
-    mask = torch.as_tensor(mask) if isinstance(mask, np.ndarray) else mask
-    if not isinstance(mask, Tensor):
-        raise InvalidInputError(f"{where}: mask {path} is a {type(mask).__name__}, not a tensor")
-    if mask.dim() != 3:
-        raise InvalidInputError(
-            f"{where}: mask {path} has shape {tuple(mask.shape)}, expected (T, H, W)"
-        )
-    mask = mask.detach().cpu()
+    mask = _tensor(mask, "mask", path, where, "THW").detach().cpu()
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.is_complex():

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maskdp.checks import check_bool, check_choice, check_count, check_int_in
+from maskdp.checks import check_bool, check_choice, check_count, check_finite, check_int_in
 from maskdp.data.scenes import sensitive_mask, silhouette, trajectory
 from maskdp.data.textures import ROLES, Texture, random_texture
 from maskdp.errors import InvalidInputError
@@ -175,17 +175,6 @@ class _Draws:
         )
 
 
-def _check_noise(noise: Any) -> float:
-    if (
-        isinstance(noise, bool)
-        or not isinstance(noise, (int, float))
-        or not math.isfinite(noise)
-        or noise < 0
-    ):
-        raise InvalidInputError(f"noise must be a finite number >= 0, got {noise!r}")
-    return float(noise)
-
-
 def _add_noise(scene: np.ndarray, unit_noise: np.ndarray, std: float) -> np.ndarray:
     """``clamp(scene + eps, 0, 1)`` with eps zero-mean uniform of standard deviation ``std``
     (``sqrt(12) * std * (u - 1/2)``, cheaper than Gaussian), in place in both arrays."""
@@ -236,7 +225,7 @@ class SyntheticPrivateActions(Dataset):
                 'mask_kind="track" hides a sensitive actor\'s motion and needs scenario="person"'
             )
         self.train = check_bool("train", train)
-        self.noise = _check_noise(noise)
+        self.noise = check_finite("noise", noise)
         self.action_names = ACTIONS[: self.num_classes]
         self.textures = identity_textures(
             self.num_identities,

@@ -33,12 +33,12 @@ anything else computed from sensitive content.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from maskdp.checks import check_finite
 from maskdp.errors import InvalidInputError
 
 SHRINKAGE = ("james-stein",)
@@ -46,16 +46,7 @@ SHRINKAGE = ("james-stein",)
 
 def check_private_weight(value: float) -> float:
     """A finite weight ``>= 0`` of the noisy private sum."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise InvalidInputError(
-            f"private_weight must be a finite number >= 0 (1 = plain MaskDP-SGD), got {value!r}"
-        )
-    return float(value)
+    return check_finite("private_weight", value, note=" (1 = plain MaskDP-SGD)")
 
 
 def check_shrinkage(value: str | None) -> str | None:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from maskdp.checks import check_sample_rate
+from maskdp.checks import check_finite, check_sample_rate
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness, check_randomness
 
@@ -44,12 +44,7 @@ def steps_per_epoch(sample_rate: float) -> int:
 
 def epochs_to_steps(epochs: float, sample_rate: float) -> int:
     """Steps of ``epochs`` epochs (fractional epochs allowed): at least one step."""
-    if (
-        isinstance(epochs, bool)
-        or not isinstance(epochs, (int, float))
-        or not (math.isfinite(epochs) and epochs > 0)
-    ):
-        raise InvalidInputError(f"epochs must be a finite number > 0, got {epochs!r}")
+    check_finite("epochs", epochs, positive=True)
     exact = epochs * steps_per_epoch(sample_rate)
     nearest = round(exact)
     return max(1, nearest if math.isclose(exact, nearest, rel_tol=1e-12) else math.ceil(exact))
@@ -96,11 +91,10 @@ def poisson_sample(
     Record ``i`` is in the shard iff ``i % world_size == rank``; each record of the shard is
     included independently with probability ``sample_rate``.
     """
-    q = check_sample_rate(sample_rate)
-    _check_shard(num_records, rank, world_size)
-    shard_size = len(range(rank, num_records, world_size))
-    positions = bernoulli_positions(shard_size, q, check_randomness(randomness))
-    return rank + world_size * positions
+    sampler = PoissonSampler(
+        num_records, sample_rate, steps=1, randomness=randomness, rank=rank, world_size=world_size
+    )
+    return sampler.sample()
 
 
 class PoissonSampler:
@@ -126,7 +120,8 @@ class PoissonSampler:
         self._shard_size = len(range(rank, num_records, world_size))
 
     def sample(self) -> Tensor:
-        """One step's indices (this rank's shard), as :func:`poisson_sample` draws them."""
+        """One step's indices in this rank's shard: record ``rank + world_size * j`` for each
+        position ``j`` of the shard drawn by :func:`bernoulli_positions`."""
         positions = bernoulli_positions(self._shard_size, self.sample_rate, self.randomness)
         return self.rank + self.world_size * positions
 

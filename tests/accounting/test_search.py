@@ -67,28 +67,10 @@ def test_safe_root_on_integers_and_at_the_limits():
     def g(n: float) -> float:
         return math.log(n / 1000.5)  # feasible: n <= 1000
 
-    n = safe_root(
-        g,
-        1.0,
-        step=1.0,
-        stride=1.0,
-        lo=1.0,
-        hi=1e6,
-        feasible_up=False,
-        integer=True,
-        at_limit=Limit,
+    on_integers = dict(
+        step=1.0, stride=1.0, lo=1.0, feasible_up=False, integer=True, at_limit=Limit
     )
-    assert n == 1000.0
+    assert safe_root(g, 1.0, hi=1e6, **on_integers) == 1000.0
     with pytest.raises(Limit) as info:
-        safe_root(
-            g,
-            1.0,
-            step=1.0,
-            stride=1.0,
-            lo=1.0,
-            hi=100.0,
-            feasible_up=False,
-            integer=True,
-            at_limit=Limit,
-        )
+        safe_root(g, 1.0, hi=100.0, **on_integers)
     assert info.value.args == (True,)  # still feasible at hi

@@ -44,6 +44,8 @@ DELTA = 1e-5
 # A fixed engine keeps these tests about the audit (all engines agree with the reference
 # loop in test_engines.py); "hooks" is the fastest on these tiny models.
 ENGINE = "hooks"
+# A small audit: one step at sigma = 1, C = 0.1, 4 runs per world.
+SMALL = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "steps": 1, "trials": 4, "engine": ENGINE}
 
 
 def tiny_cnn() -> SmallVideoCNN:
@@ -278,46 +280,25 @@ def test_plant_canary_touches_only_its_region() -> None:
     ],
 )
 def test_audit_refuses_bad_input(kwargs: dict, match: str) -> None:
-    settings = {
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 0.1,
-        "steps": 1,
-        "trials": 4,
-        "engine": ENGINE,
-    }
-    settings.update(kwargs)
     with pytest.raises(InvalidInputError, match=match):
-        audit(tiny_cnn, tiny_data(), **settings)
+        audit(tiny_cnn, tiny_data(), **{**SMALL, **kwargs})
 
 
 def test_audit_refuses_bad_dataset_and_model() -> None:
-    settings = {
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 0.1,
-        "steps": 1,
-        "trials": 4,
-        "engine": ENGINE,
-    }
     with pytest.raises(InvalidInputError, match="dataset"):
-        audit(tiny_cnn, 42, **settings)
+        audit(tiny_cnn, 42, **SMALL)
     x, m, y = tiny_data()
     with pytest.raises(InvalidInputError, match="public pixels"):
-        audit(tiny_cnn, (x, torch.ones_like(m), y), canary_region="public", **settings)
+        audit(tiny_cnn, (x, torch.ones_like(m), y), canary_region="public", **SMALL)
     with pytest.raises(InvalidInputError, match="nn.Module"):
-        audit(lambda: "model", (x, m, y), **settings)
+        audit(lambda: "model", (x, m, y), **SMALL)
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
 def test_result_fields_reproducibility_and_rng_hygiene() -> None:
-    settings = {
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 0.1,
-        "steps": 2,
-        "trials": 4,
-        "engine": ENGINE,
-    }
+    settings = {**SMALL, "steps": 2}
     before = torch.get_rng_state()
     first = audit(tiny_cnn, tiny_data(), sample_rate=0.5, seed=3, **settings)
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
@@ -345,13 +326,7 @@ def test_dataset_of_records_equals_stacked_tensors() -> None:
     from maskdp.data import SyntheticPrivateActions
 
     ds = SyntheticPrivateActions(size=6, frames=4, image_size=16, channels=1, num_classes=2)
-    settings = {
-        "noise_multiplier": 1.0,
-        "max_grad_norm": 0.1,
-        "steps": 1,
-        "trials": 3,
-        "engine": ENGINE,
-    }
+    settings = {**SMALL, "trials": 3}
     a = audit(tiny_cnn, ds, **settings)
     b = audit(tiny_cnn, ds.tensors(), **settings)
     assert a.scores_in == b.scores_in and a.scores_out == b.scores_out
@@ -367,8 +342,8 @@ def test_every_run_is_built_by_make_private(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runs_module, "make_private", counting)
-    settings = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "steps": 2, "engine": ENGINE}
-    result = audit(tiny_cnn, tiny_data(), sample_rate=0.5, trials=3, **settings)
+    settings = {**SMALL, "steps": 2, "trials": 3}
+    result = audit(tiny_cnn, tiny_data(), sample_rate=0.5, **settings)
     assert len(calls) == 6 and result.trials == 3
     assert {c["public_batch_size"] for c in calls} == {2}
     assert all(c["noise_multiplier"] == 1.0 and c["engine"] == ENGINE for c in calls)
@@ -454,36 +429,21 @@ def test_public_canary_is_detected_whatever_the_noise() -> None:
     assert sensitive.epsilon_lower_bound <= sensitive.epsilon_theory
 
 
+# Four steps on 8 records, 200 runs per world.
+MULTISTEP = {"max_grad_norm": 0.1, "steps": 4, "trials": 200, "seed": 1, "engine": ENGINE}
+
+
 @pytest.mark.slow
 def test_composition_is_audited_as_the_composed_gaussian() -> None:
     """4 full-batch steps at sigma = 2 release the Gaussian mechanism with mu = sqrt(4) / 2."""
-    result = audit(
-        tiny_cnn,
-        tiny_data(8),
-        noise_multiplier=2.0,
-        max_grad_norm=0.1,
-        steps=4,
-        trials=200,
-        seed=1,
-        engine=ENGINE,
-    )
+    result = audit(tiny_cnn, tiny_data(8), noise_multiplier=2.0, **MULTISTEP)
     assert separation(result) == pytest.approx(1.0, abs=0.25)
     assert result.epsilon_lower_bound <= result.epsilon_theory
 
 
 @pytest.mark.slow
 def test_subsampled_multistep_stays_below_theory() -> None:
-    result = audit(
-        tiny_cnn,
-        tiny_data(8),
-        noise_multiplier=1.0,
-        max_grad_norm=0.1,
-        steps=4,
-        sample_rate=0.5,
-        trials=200,
-        seed=1,
-        engine=ENGINE,
-    )
+    result = audit(tiny_cnn, tiny_data(8), noise_multiplier=1.0, sample_rate=0.5, **MULTISTEP)
     assert result.epsilon_lower_bound <= result.epsilon_theory
 
 

@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 import torch
-from test_optimizer import STEPS, assert_params_close, params, run, tiny_cnn, tiny_vit, wrap
+from helpers import tiny_cnn, tiny_vit, wrap
+from test_optimizer import STEPS, assert_params_close, params, run
 from torch import nn
 
 import maskdp

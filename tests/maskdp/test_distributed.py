@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import TINY_TRAIN, random_clips
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -51,18 +52,7 @@ WORLD = 2
 STEPS = ([0, 1, 2, 3, 4, 5, 6], [2, 4, 8], [])
 PUBLIC_STEPS = ([1, 3, 4, 9, 10], [1, 7], [])
 DATASET_SIZE = 12
-TINY = dict(
-    train_size=32,
-    test_size=16,
-    epochs=1.0,
-    batch_size=8,
-    frames=4,
-    image_size=16,
-    public_epochs=0.0,
-    noise_multiplier=1.0,
-    view="fill",
-    lr=2e-3,
-)
+TINY = {**TINY_TRAIN, "noise_multiplier": 1.0, "view": "fill", "lr": 2e-3}
 # Public warm-up steps (gradients summed over ranks by sum_gradients) then private steps.
 WARMUP = {**TINY, "public_epochs": 1.0, "epochs": 0.5}
 RUNS = {"private": TINY, "warmup": WARMUP}
@@ -81,11 +71,7 @@ def free_port() -> int:
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(DATASET_SIZE, 3, 4, 16, 16, generator=gen)
-    m = torch.rand(DATASET_SIZE, 4, 16, 16, generator=gen) < 0.4
-    y = torch.randint(0, 3, (DATASET_SIZE,), generator=gen)
-    return x, m, y
+    return random_clips(DATASET_SIZE, seed=3)
 
 
 def tiny_vit() -> VideoViT:

@@ -17,6 +17,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import random_clips
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import supported_engines
@@ -55,11 +56,7 @@ def small_cnn() -> nn.Module:
 
 
 def clip_batch(n: int, frames: int = 4, size: int = 16, p: float = 0.3, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, frames, size, size, generator=gen, dtype=torch.float64)
-    mask = torch.rand(n, frames, size, size, generator=gen) < p
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, mask, y
+    return random_clips(n, seed=seed, frames=frames, size=size, p=p, dtype=torch.float64)
 
 
 def compute(engine: str, model: nn.Module, batch, clip: float = CLIP) -> ClippedSum:

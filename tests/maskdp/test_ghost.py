@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_clips
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -269,10 +270,7 @@ def small_cnn() -> nn.Module:
 
 
 def clips(n: int, seed: int = 1, p: float = 0.3, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 4, 16, 16, generator=gen, dtype=dtype)
-    mask = torch.rand(n, 4, 16, 16, generator=gen) < p
-    return x, mask, torch.randint(0, 3, (n,), generator=gen)
+    return random_clips(n, seed=seed, p=p, dtype=dtype)
 
 
 def run(engine, model, batch: MaskedBatch, clip: float = CLIP) -> ClippedSum:

@@ -85,32 +85,12 @@ def test_dropout_and_stochastic_depth_leave_an_erased_record_exactly_zero(engine
     x, m, y = batch()
     x = torch.where(m[:, None], 5 * torch.randn_like(x), x)  # strong sensitive content
     present = torch.tensor([False, True, False, True])
-    result = masked_gradient(
-        model,
-        nn.CrossEntropyLoss(),
-        x,
-        m,
-        y,
-        max_grad_norm=CLIP,
-        engine=engine,
-        public=(x, m, y),
-        present=present,
-        view=FillView(0.0),
-    )
+    common = {"max_grad_norm": CLIP, "engine": engine, "public": (x, m, y), "view": FillView(0.0)}
+    result = masked_gradient(model, nn.CrossEntropyLoss(), x, m, y, present=present, **common)
     assert torch.equal(result.norms[~present], torch.zeros(2, dtype=torch.float64))
     assert bool((result.norms[present] > 0).all())  # the present records do contribute
-    erased = masked_gradient(
-        model,
-        nn.CrossEntropyLoss(),
-        x,
-        m,
-        y,
-        max_grad_norm=CLIP,
-        engine=engine,
-        public=(x, m, y),
-        present=torch.zeros(4, dtype=torch.bool),
-        view=FillView(0.0),
-    )
+    nobody = torch.zeros(4, dtype=torch.bool)
+    erased = masked_gradient(model, nn.CrossEntropyLoss(), x, m, y, present=nobody, **common)
     for value in erased.private.values():
         assert torch.equal(value, torch.zeros_like(value))
 

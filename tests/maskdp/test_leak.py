@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_clips
 from torch import Tensor, nn
 
 from maskdp.engines.base import ClippedSum, engine_names, resolve_engine, trainable_parameters
@@ -66,11 +67,8 @@ def cnn() -> nn.Module:
 
 
 def world_a(n: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(n, 3, 4, 16, 16, generator=gen)
-    mask = torch.rand(n, 4, 16, 16, generator=gen) < 0.3
+    x, mask, y = random_clips(n, seed=3, p=0.3, uniform=True)
     mask[:, :2, :8, :8] = True  # every record has a sensitive token
-    y = torch.randint(0, 3, (n,), generator=gen)
     return x, mask, y
 
 

@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from helpers import batch, public_batch, tiny_cnn, tiny_vit, wrap
 from maskdp.accounting.events import PoissonGaussianEvent
 from maskdp.accounting.ledger import PrivacyLedger
 from scipy import stats
@@ -42,60 +43,15 @@ from maskdp.mechanism.randomness import (
     InsecureSeededRandomness,
     SecretRandomness,
 )
-from maskdp.mechanism.views import FillView
-from maskdp.models import SmallVideoCNN, VideoViT
 from maskdp.training.optimizer import MaskDPOptimizer
 
 SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 ENGINE_NAMES = [n for n in engine_names() if n != "auto"]
 
 
-def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-    return model.to(dtype)
-
-
-def tiny_cnn(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return SmallVideoCNN(num_classes=3, width=4).to(dtype)
-
-
-def batch(n: int, *, seed: int = 1, mask: str = "random", dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 4, 16, 16, generator=gen).to(dtype)
-    if mask == "random":
-        m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
-    else:
-        m = torch.full((n, 4, 16, 16), mask == "all", dtype=torch.bool)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, m, y
-
-
-def public_batch(n: int = 3, *, seed: int = 100, mask: str = "random", dtype=torch.float64):
-    """A public batch, drawn independently of the private ones (other seeds)."""
-    return batch(n, seed=seed, mask=mask, dtype=dtype)
-
-
 def fill(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """FillView(0.0) written out: sensitive pixels set to 0."""
     return x.masked_fill(m[:, None], 0.0)
-
-
-def wrap(model: nn.Module, inner=None, **kw) -> MaskDPOptimizer:
-    args = dict(
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-        expected_batch_size=4,
-        sample_rate=0.1,
-        view=FillView(0.0),
-        engine="reference",
-    )
-    args.update(kw)
-    inner = inner if inner is not None else torch.optim.SGD(model.parameters(), lr=0.1)
-    return MaskDPOptimizer(inner, **args)
 
 
 def supported(engine: str, model: nn.Module) -> None:
@@ -751,15 +707,7 @@ def test_noise_generator_is_gone():
 def test_bad_optimizer_and_models_are_refused():
     model = tiny_vit()
     with pytest.raises(InvalidInputError, match="optimizer"):
-        MaskDPOptimizer(
-            model.parameters(),
-            model=model,
-            loss_fn=nn.CrossEntropyLoss(),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=1,
-            sample_rate=0.1,
-        )
+        wrap(model, inner=model.parameters())  # parameters, not an optimizer
     with pytest.raises(InvalidInputError, match="not a trainable parameter"):
         wrap(model, inner=torch.optim.SGD(tiny_vit().parameters(), lr=0.1))
     bn = nn.Sequential(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4))

@@ -10,6 +10,7 @@ from collections import namedtuple
 
 import pytest
 import torch
+from helpers import random_clips
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from maskdp.data import PoissonDataLoader, poisson_loader
@@ -25,11 +26,7 @@ def seeded(seed: int) -> InsecureSeededRandomness:
 
 
 def records(n: int = 20) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 2, 4, 4, generator=gen)
-    m = torch.rand(n, 2, 4, 4, generator=gen) < 0.5
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return TensorDataset(x, m, y)
+    return TensorDataset(*random_clips(n, seed=0, frames=2, size=4, p=0.5))
 
 
 class IndexDataset(Dataset):

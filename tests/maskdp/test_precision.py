@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_clips, tiny_cnn, tiny_vit, wrap
 from torch import nn
 
 from maskdp.engines.base import per_sample_loss, resolve_engine
@@ -26,8 +27,6 @@ from maskdp.errors import InvalidInputError, UnsupportedModelError
 from maskdp.mechanism.gradient import make_batch, public_gradient
 from maskdp.mechanism.randomness import InsecureRandomnessWarning, InsecureSeededRandomness
 from maskdp.mechanism.views import FillView
-from maskdp.models import SmallVideoCNN, VideoViT
-from maskdp.training.optimizer import MaskDPOptimizer
 
 SAFE = ("reference", "vmap", "hooks")
 C = 0.05  # below every record's norm: every record is clipped
@@ -36,18 +35,11 @@ BF16 = torch.bfloat16
 
 
 def make_model(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "vit":
-        return VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-    return SmallVideoCNN(num_classes=3, width=4)
+    return (tiny_vit if kind == "vit" else tiny_cnn)(dtype=torch.float32)
 
 
 def data(n: int = N, seed: int = 3):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 4, 16, 16, generator=gen)
-    m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, m, y
+    return random_clips(n, seed=seed)
 
 
 def norm(tensors: dict[str, torch.Tensor]) -> float:
@@ -101,11 +93,7 @@ def test_optimizer_refuses_autocast_with_an_unsafe_engine(monkeypatch) -> None:
     monkeypatch.setattr(GhostEngine, "autocast_safe", False)
     model = make_model("vit")
     with pytest.raises(UnsupportedModelError, match="autocast"):
-        MaskDPOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-            loss_fn=nn.CrossEntropyLoss(), noise_multiplier=1.0, max_grad_norm=C,
-            expected_batch_size=4, sample_rate=0.1, engine="ghost", autocast=BF16,
-        )  # fmt: skip
+        wrap(model, noise_multiplier=1.0, max_grad_norm=C, engine="ghost", autocast=BF16)
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
@@ -122,11 +110,7 @@ def test_ghost_contributions_under_bf16_autocast(kind: str) -> None:
 def test_autocast_option_is_validated(dtype) -> None:
     model = make_model("vit")
     with pytest.raises(InvalidInputError, match="autocast"):
-        MaskDPOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-            loss_fn=nn.CrossEntropyLoss(), noise_multiplier=1.0, max_grad_norm=C,
-            expected_batch_size=4, sample_rate=0.1, engine="hooks", autocast=dtype,
-        )  # fmt: skip
+        wrap(model, noise_multiplier=1.0, max_grad_norm=C, engine="hooks", autocast=dtype)
 
 
 def test_optimizer_noise_and_division_stay_fp32_under_autocast() -> None:
@@ -134,15 +118,13 @@ def test_optimizer_noise_and_division_stay_fp32_under_autocast() -> None:
     model = make_model("vit")
     with pytest.warns(InsecureRandomnessWarning):
         randomness = InsecureSeededRandomness(9)
-    optimizer = MaskDPOptimizer(
+    optimizer = wrap(
+        model,
         torch.optim.SGD(model.parameters(), lr=0.0),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
         noise_multiplier=sigma,
         max_grad_norm=C,
         expected_batch_size=batch_size,
         expected_public_batch_size=public_size,
-        sample_rate=0.1,
         view=FillView(0.0),  # the view of compute() below
         engine="vmap",
         randomness=randomness,

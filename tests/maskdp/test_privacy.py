@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_clips, tiny_vit
 from maskdp.accounting.calibration import calibrate_noise
 from maskdp.accounting.events import PoissonGaussianEvent
 from maskdp.accounting.ledger import PrivacyLedger
@@ -27,22 +28,17 @@ from maskdp.training.private import make_private, make_private_with_epsilon
 SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 
 
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-
-
 def dataset(n: int = 24) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, 4, 16, 16, generator=gen)
-    m = torch.rand(n, 4, 16, 16, generator=gen) < 0.3
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return TensorDataset(x, m, y)
+    return TensorDataset(*random_clips(n, seed=0, p=0.3, uniform=True))
 
 
-def setup(**kw):
-    model = tiny_vit()
-    loader = DataLoader(dataset(), batch_size=4, shuffle=True)
+def setup(loader: DataLoader | None = None, **kw):
+    """make_private on a fresh tiny ViT with AdamW, sigma = 1, C = 1 and the reference
+    engine unless ``kw`` say otherwise; ``loader`` defaults to dataset() in shuffled
+    batches of 4."""
+    model = tiny_vit(dtype=torch.float32)
+    if loader is None:
+        loader = DataLoader(dataset(), batch_size=4, shuffle=True)
     args = dict(
         noise_multiplier=1.0,
         max_grad_norm=1.0,
@@ -97,17 +93,8 @@ def test_make_private_loader_is_poisson_and_the_public_batch_independent():
     empty, and the number of records in both batches of a step has mean N q q_pub (an
     independent draw; a public batch tied to the private one would give about qN)."""
     n, b, b_pub = 20, 2, 4
-    model = tiny_vit()
-    _, optimizer, loader = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(index_data(n), batch_size=b, shuffle=True),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        loss_fn=nn.CrossEntropyLoss(),
-        engine="reference",
-        public_batch_size=b_pub,
-    )
+    loader = DataLoader(index_data(n), batch_size=b, shuffle=True)
+    _, optimizer, loader = setup(loader, public_batch_size=b_pub)
     q, q_pub = optimizer.sample_rate, loader.public_sample_rate
     assert q == b / n and q_pub == b_pub / n and optimizer.expected_public_batch_size == b_pub
     private, public, both = [], [], []
@@ -177,16 +164,7 @@ def test_public_batch_size_is_validated():
 
 def test_make_private_accepts_a_poisson_loader_and_keeps_its_rate():
     poisson = PoissonDataLoader(dataset(), sample_rate=0.25, steps=3)
-    model = tiny_vit()
-    _, optimizer, loader = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        poisson,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        loss_fn=nn.CrossEntropyLoss(),
-        engine="reference",
-    )
+    _, optimizer, loader = setup(poisson)
     assert optimizer.sample_rate == loader.sample_rate == 0.25
     assert loader.private is not poisson and loader.private.sample_rate == 0.25
     assert loader.public_sample_rate == 0.25 and len(loader.public) == 3
@@ -194,21 +172,13 @@ def test_make_private_accepts_a_poisson_loader_and_keeps_its_rate():
 
 
 def test_make_private_refuses_a_loader_without_batch_size():
-    model = tiny_vit()
     loader = DataLoader(dataset(), batch_sampler=[[0, 1], [2, 3]])
     with pytest.raises(InvalidInputError, match="batch_size"):
-        make_private(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            loss_fn=nn.CrossEntropyLoss(),
-        )
+        setup(loader)
 
 
 def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
-    model = tiny_vit()
+    model = tiny_vit(dtype=torch.float32)
     data_loader = DataLoader(dataset(), batch_size=4)
     target, delta, epochs = 4.0, 1e-5, 2
     _, optimizer, loader = make_private_with_epsilon(

@@ -8,9 +8,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers import batch, public_batch, tiny_vit
 from hypothesis import given
 from hypothesis import strategies as st
-from test_optimizer import batch, public_batch, tiny_vit
 from torch import nn
 
 from maskdp.errors import InvalidInputError

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN as TINY
 from maskdp.accounting.ledger import PrivacyLedger
 
 from maskdp.errors import InvalidInputError
@@ -25,16 +26,6 @@ from maskdp.trainer.artifacts import evaluate
 from maskdp.trainer.config import TrainConfig, build_config
 from maskdp.trainer.result import TrainResult
 from maskdp.trainer.run import CHECKPOINT, CONFIG, METRICS, Run, train
-
-TINY = dict(
-    train_size=32,
-    test_size=16,
-    epochs=1.0,
-    batch_size=8,
-    frames=4,
-    image_size=16,
-    public_epochs=0.0,
-)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY_TRAIN, random_clips, tiny_vit, wrap
 from scipy import stats
 from torch import nn
 
@@ -37,7 +38,6 @@ from maskdp.mechanism.gradient import masked_gradient
 from maskdp.mechanism.randomness import InsecureSeededRandomness
 from maskdp.mechanism.views import FillView, InpaintView
 from maskdp.models import VideoViT
-from maskdp.training.optimizer import MaskDPOptimizer
 
 SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 
@@ -116,17 +116,8 @@ def test_inpaint_validates_its_options():
 # ----------------------------------------------------------------------- private weight
 
 
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2).double()
-
-
 def batch(seed: int = 1, n: int = 5):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 4, 16, 16, generator=gen, dtype=torch.float64)
-    m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, m, y
+    return random_clips(n, seed=seed, uniform=True, dtype=torch.float64)
 
 
 SIGMA, CLIP, B, B_PUB = 0.7, 0.05, 4, 3
@@ -135,18 +126,14 @@ PUBLIC = batch(seed=2, n=3)  # the public batch of every step here (independent 
 
 
 def noisy_grads(model: nn.Module, x, m, y, **kw) -> dict[str, torch.Tensor]:
-    opt = MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
+    opt = wrap(  # SGD, lr 0.1, q = 0.1
+        model,
         noise_multiplier=SIGMA,
         max_grad_norm=CLIP,
         expected_batch_size=B,
         expected_public_batch_size=B_PUB,
-        sample_rate=0.1,
-        view=FillView(0.0),
-        engine="reference",
         randomness=InsecureSeededRandomness(123),
+        **REFERENCE,
         **kw,
     )
     opt.backward(x, m, y, public=PUBLIC)
@@ -287,13 +274,7 @@ def warm_up_run(tmp_path, perturb: bool):
     from maskdp.trainer.run import Run
 
     config = build_config(
-        train_size=32,
-        test_size=8,
-        batch_size=8,
-        image_size=16,
-        frames=4,
-        epochs=0.25,
-        public_epochs=0.5,
+        **{**TINY_TRAIN, "test_size": 8, "epochs": 0.25, "public_epochs": 0.5},
         view="inpaint",
         noise_multiplier=1.0,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_clips
 from torch import nn
 
 from maskdp.engines.probe import ModelGuard, probe_model
@@ -22,11 +23,7 @@ from maskdp.models import SmallVideoCNN, VideoViT
 
 
 def batch(n: int = 2, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 4, 8, 8, generator=gen)
-    mask = torch.rand(n, 4, 8, 8, generator=gen) < 0.5
-    y = torch.randint(0, 2, (n,), generator=gen)
-    return x, mask, y
+    return random_clips(n, seed=seed, size=8, p=0.5, classes=2, uniform=True)
 
 
 def cnn() -> nn.Module:

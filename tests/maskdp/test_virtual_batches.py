@@ -12,13 +12,12 @@ import math
 
 import pytest
 import torch
+from helpers import random_clips, tiny_vit, wrap
 from maskdp.accounting.ledger import PrivacyLedger
 from torch import nn
 
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import InsecureSeededRandomness
-from maskdp.mechanism.views import FillView
-from maskdp.models import VideoViT
 from maskdp.training.batching import backward_in_micro_batches, iterate_micro_batches
 from maskdp.training.optimizer import MaskDPOptimizer
 
@@ -31,30 +30,18 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def data(n: int = N, seed: int = 11):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 4, 16, 16, generator=gen)
-    m = torch.rand(n, 4, 16, 16, generator=gen) < 0.4
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, m, y
+    return random_clips(n, seed=seed)
 
 
 def vit_optimizer(engine: str, protect_labels: bool = False) -> MaskDPOptimizer:
-    """A seeded MaskDP-SGD optimizer on a tiny VideoViT (the same start every call)."""
-    torch.manual_seed(0)
-    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
-    return MaskDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.3),
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        noise_multiplier=0.9,
-        max_grad_norm=0.1,
-        expected_batch_size=4,
-        sample_rate=0.2,
-        view=FillView(0.0),
-        engine=engine,
-        protect_labels=protect_labels,
-        randomness=InsecureSeededRandomness(5),
-    )
+    """A seeded MaskDP-SGD optimizer on a tiny VideoViT (the same start every call), B = 4,
+    FillView(0.0)."""
+    model = tiny_vit(dtype=torch.float32)
+    inner = torch.optim.SGD(model.parameters(), lr=0.3)
+    return wrap(
+        model, inner, noise_multiplier=0.9, max_grad_norm=0.1, sample_rate=0.2, engine=engine,
+        protect_labels=protect_labels, randomness=InsecureSeededRandomness(5),
+    )  # fmt: skip
 
 
 def step(
@@ -109,8 +96,7 @@ def test_micro_batches_equal_one_big_batch(engine: str) -> None:
 
 def test_the_loss_is_the_mean_public_loss_of_the_whole_public_batch() -> None:
     """Brute force: cross-entropy of the model on the public views of the public batch."""
-    torch.manual_seed(0)
-    model = VideoViT(num_classes=3, frames=4, image_size=16, dim=16, depth=1, heads=2)
+    model = tiny_vit(dtype=torch.float32)  # vit_optimizer's start
     ux, um, uy = data(N_PUB, seed=12)
     with torch.no_grad():
         expected = float(nn.functional.cross_entropy(model(ux.masked_fill(um[:, None], 0)), uy))
