@@ -249,6 +249,9 @@ def _render_name(package: str, name: str, obj: object) -> list[str]:
     out = [f"### {name}", "", f"`{package}.{name}`{where}", ""]
     if inspect.isclass(obj):
         return out + _render_class(f"{package}.{name}", obj)
+    if inspect.ismodule(obj):  # by name: its repr holds the install path of this machine
+        doc = first_paragraph(obj)
+        return out + [f"The subpackage `{obj.__name__}`." + (f" {doc}" if doc else ""), ""]
     if callable(obj):
         out += ["```python", f"{name}{signature(obj)}", "```", ""]
         doc = first_paragraph(obj)

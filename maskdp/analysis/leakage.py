@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.analysis.stats import clopper_pearson
+from maskdp.checks import check_choice, check_count
 from maskdp.errors import InvalidInputError
 
 
@@ -73,8 +74,7 @@ def attribute_inference_bound(epsilon: float, delta: float, classes: int) -> flo
     r"""Upper bound :math:`\min(1, e^\epsilon / K + \delta)` on the expected success of
     guessing a uniform :math:`K`-valued sensitive attribute of one record from an
     :math:`(\epsilon, \delta)`-DP output (see module docstring)."""
-    if classes < 1:
-        raise InvalidInputError(f"classes must be >= 1, got {classes}")
+    check_count("classes", classes, 1)
     return min(1.0, math.exp(epsilon) / classes + delta)
 
 
@@ -106,8 +106,7 @@ def model_features(
     last ``nn.Linear``) through a forward pre-hook, removed afterwards; ``"logits"`` the
     output. The model runs in eval mode and is put back in its previous mode.
     """
-    if feature not in ("penultimate", "logits"):
-        raise InvalidInputError(f"feature must be 'penultimate' or 'logits', got {feature!r}")
+    check_choice("feature", feature, ("penultimate", "logits"))
     captured: list[Tensor] = []
     handle = None
     if feature == "penultimate":

@@ -15,6 +15,9 @@ _EXPORTS: dict[str, str] = {
     "StepBatches": "maskdp.data.poisson",
     "SyntheticPrivateActions": "maskdp.data.synthetic",
     "ClipFolder": "maskdp.data.folder",
+    "FrameWindow": "maskdp.data.footage",
+    "read_video": "maskdp.data.footage",
+    "read_mask": "maskdp.data.footage",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports("maskdp.data", _EXPORTS, globals())

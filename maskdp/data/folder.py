@@ -2,9 +2,14 @@
 
 Layout::
 
-    root/labels.csv          header ``clip,mask,label`` (extra columns are ignored)
-    root/clips/000000.npy    float clip (C, T, H, W), or .pt; .mp4/.avi/... need PyAV
-    root/masks/000000.npy    mask (T, H, W): bool, or integers 0/1 (True/1 = sensitive)
+    root/labels.csv          header ``clip,mask,label`` and optionally ``start,frames,stride``
+    root/clips/000000.npy    float clip (C, T, H, W), or .pt; or a video .mp4/.avi/... (PyAV)
+    root/masks/000000.npy    mask (T, H, W): bool, or integers 0/1 (True/1 = sensitive); or a
+                             folder of per-frame .png masks, or boxes (.csv/.json)
+
+A row may cut its clip from a longer source: ``start`` (first source frame, default 0),
+``frames`` (clip length, default: to the end) and ``stride`` (default 1); the mask is cut
+alike (:mod:`maskdp.data.footage` for video files, mask images and box files).
 
 Paths in the CSV are relative to ``root``. Nothing is silently skipped: the CSV structure
 and the existence of every file are checked when the dataset is built, the content of a
@@ -14,26 +19,32 @@ raises :class:`~maskdp.errors.InvalidInputError` naming the file and the CSV lin
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from maskdp.data.footage import (
+    BOX_SUFFIXES,
+    VIDEO_SUFFIXES,
+    FrameWindow,
+    read_mask,
+    read_video,
+    select,
+)
 from maskdp.errors import InvalidInputError
 
 COLUMNS: tuple[str, ...] = ("clip", "mask", "label")
+WINDOW_COLUMNS: tuple[str, ...] = ("start", "frames", "stride")
 TENSOR_SUFFIXES: tuple[str, ...] = (".npy", ".pt", ".pth")
-VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 Transform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -46,6 +57,7 @@ class ClipRecord:
     clip: Path
     mask: Path
     label: int
+    window: FrameWindow = FrameWindow()
 
 
 class ClipFolder(Dataset):
@@ -88,8 +100,8 @@ class ClipFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         record = self.records[index]
         where = self._where(record)
-        clip = check_clip(_load(record.clip, "clip", where), record.clip, where)
-        mask = check_mask(_load(record.mask, "mask", where), record.mask, where)
+        clip, frames = _load_clip(record, where)
+        mask = _load_mask(record, frames, clip.shape[2:], where)
         if tuple(mask.shape) != tuple(clip.shape[1:]):
             raise InvalidInputError(
                 f"{where}: mask {record.mask} has shape {tuple(mask.shape)} but clip "
@@ -116,7 +128,9 @@ class ClipFolder(Dataset):
         labels_file: str = "labels.csv",
         overwrite: bool = False,
     ) -> ClipFolder:
-        """Write a folder with :func:`write_clip_folder` and open it."""
+        """Write a folder with :func:`~maskdp.data.folder_writer.write_clip_folder` and open it."""
+        from maskdp.data.folder_writer import write_clip_folder
+
         write_clip_folder(
             root, clips, masks, labels, fmt=fmt, labels_file=labels_file, overwrite=overwrite
         )
@@ -175,17 +189,67 @@ def _record(row: dict[str | None, Any], line: int, name: str, root: Path) -> Cli
         clip=_existing_file(root, values["clip"], "clip", where),
         mask=_existing_file(root, values["mask"], "mask", where),
         label=label,
+        window=_window(row, where),
     )
+
+
+def _window(row: dict[str | None, Any], where: str) -> FrameWindow:
+    """The optional ``start,frames,stride`` columns of a row (empty = default)."""
+    given = {}
+    for column in WINDOW_COLUMNS:
+        value = (row.get(column) or "").strip()
+        if value:
+            try:
+                given[column] = int(value)
+            except ValueError:
+                raise InvalidInputError(f"{where}: {column} {value!r} is not an integer") from None
+    try:
+        return FrameWindow(**given)
+    except InvalidInputError as err:
+        raise InvalidInputError(f"{where}: {err}") from None
+
+
+def _load_clip(record: ClipRecord, where: str) -> tuple[Tensor, list[int]]:
+    """The record's clip (C, T, H, W) and the source frames it holds."""
+    if record.clip.suffix.lower() in VIDEO_SUFFIXES:
+        try:
+            clip, frames = read_video(record.clip, record.window)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{where}: {err}") from None
+        return check_clip(clip, record.clip, where), frames
+    source = check_clip(_load(record.clip, "clip", where), record.clip, where)
+    try:
+        frames = record.window.indices(source.shape[1], record.clip)
+    except InvalidInputError as err:
+        raise InvalidInputError(f"{where}: {err}") from None
+    return source[:, frames], frames
+
+
+def _load_mask(record: ClipRecord, frames: list[int], size: Any, where: str) -> Tensor:
+    """The record's mask (T, H, W) on the clip's source ``frames``."""
+    try:
+        if record.mask.is_dir() or record.mask.suffix.lower() in BOX_SUFFIXES:
+            mask = read_mask(record.mask, frames, height=int(size[0]), width=int(size[1]))
+        else:
+            source = check_mask(_load(record.mask, "mask", where), record.mask, where)
+            mask = source[select(frames, source.shape[0], record.mask)]
+    except InvalidInputError as err:
+        raise InvalidInputError(
+            err.args[0] if where in err.args[0] else f"{where}: {err}"
+        ) from None
+    return check_mask(mask, record.mask, where)
 
 
 def _existing_file(root: Path, value: str, what: str, where: str) -> Path:
     if PurePath(value).is_absolute():
         raise InvalidInputError(f"{where}: {what} path {value!r} must be relative to {root}")
     path = root / value
+    if what == "mask" and path.is_dir():
+        return path  # a folder of per-frame mask images
     if not path.is_file():
         raise InvalidInputError(f"{where}: {what} file {path} not found")
     suffix = path.suffix.lower()
-    allowed = TENSOR_SUFFIXES + (VIDEO_SUFFIXES if what == "clip" else ())
+    allowed = TENSOR_SUFFIXES + (VIDEO_SUFFIXES if what == "clip" else BOX_SUFFIXES)
     if suffix not in allowed:
         raise InvalidInputError(
             f"{where}: {what} file {path} has an unsupported extension; use one of "
@@ -194,7 +258,7 @@ def _existing_file(root: Path, value: str, what: str, where: str) -> Path:
     if suffix in VIDEO_SUFFIXES and importlib.util.find_spec("av") is None:
         raise InvalidInputError(
             f"{where}: clip file {path} is a video; decoding it needs the 'av' package (PyAV), "
-            "which is not installed: pip install av, or store the clip as .npy (C, T, H, W)"
+            "which is not installed: pip install 'maskdp[video]', or store the clip as .npy (C, T, H, W)"
         )
     return path
 
@@ -202,8 +266,6 @@ def _existing_file(root: Path, value: str, what: str, where: str) -> Path:
 def _load(path: Path, what: str, where: str) -> Tensor:
     suffix = path.suffix.lower()
     try:
-        if suffix in VIDEO_SUFFIXES:
-            return _read_video(path)
         if suffix == ".npy":
             data: Any = np.load(path, allow_pickle=False)
         else:
@@ -222,17 +284,6 @@ def _load(path: Path, what: str, where: str) -> Tensor:
     raise InvalidInputError(
         f"{where}: {what} file {path} holds a {type(data).__name__}, expected one array/tensor"
     )
-
-
-def _read_video(path: Path) -> Tensor:
-    """Decode a video with PyAV to a float clip (3, T, H, W) in [0, 1]."""
-    import av  # optional dependency, checked when the folder is opened
-
-    with av.open(str(path)) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    if not frames:
-        raise ValueError("the video has no frames")
-    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 255.0
 
 
 def _tensor(value: Any, what: str, path: Path | str, where: str, layout: str) -> Tensor:
@@ -277,87 +328,3 @@ def check_mask(mask: Any, path: Path | str, where: str) -> Tensor:
             f"{where}: mask {path} holds values {bad} besides 0 and 1; masks must be binary"
         )
     return mask.bool()
-
-
-def write_clip_folder(
-    root: str | os.PathLike[str],
-    clips: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
-    masks: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
-    labels: Tensor | np.ndarray | Sequence[int],
-    *,
-    fmt: str = "npy",
-    labels_file: str = "labels.csv",
-    overwrite: bool = False,
-) -> Path:
-    """Write ``root/clips/*.{fmt}``, ``root/masks/*.{fmt}`` and ``root/labels.csv``.
-
-    Everything is checked before the first file is written; each file is written to a
-    temporary file and renamed (atomic on one filesystem), the CSV last, so a folder with
-    a CSV is complete. Refuses to replace an existing CSV unless ``overwrite``.
-    """
-    if fmt not in ("npy", "pt"):
-        raise InvalidInputError(f"fmt must be 'npy' or 'pt', got {fmt!r}")
-    root = Path(root)
-    csv_path = root / labels_file
-    if csv_path.exists() and not overwrite:
-        raise InvalidInputError(f"{csv_path} already exists; pass overwrite=True to replace it")
-    clip_list, mask_list = list(clips), list(masks)
-    label_list = list(labels.tolist() if hasattr(labels, "tolist") else labels)
-    for i, label in enumerate(label_list):
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
-            raise InvalidInputError(f"item {i}: label {label!r} is not an integer >= 0")
-    if not (len(clip_list) == len(mask_list) == len(label_list)) or not clip_list:
-        raise InvalidInputError(
-            f"clips, masks and labels must have the same non-zero length, got "
-            f"{len(clip_list)}, {len(mask_list)}, {len(label_list)}"
-        )
-    checked = []
-    for i, (clip, mask) in enumerate(zip(clip_list, mask_list, strict=True)):
-        where = f"item {i}"
-        clip_t = check_clip(clip, f"clips[{i}]", where)
-        mask_t = check_mask(mask, f"masks[{i}]", where)
-        if tuple(mask_t.shape) != tuple(clip_t.shape[1:]):
-            raise InvalidInputError(
-                f"item {i}: mask shape {tuple(mask_t.shape)} does not match clip shape "
-                f"{tuple(clip_t.shape)}"
-            )
-        checked.append((clip_t, mask_t))
-    rows = []
-    for i, (clip_t, mask_t) in enumerate(checked):
-        clip_rel, mask_rel = f"clips/{i:06d}.{fmt}", f"masks/{i:06d}.{fmt}"
-        _atomic_write(root / clip_rel, _saver(clip_t, fmt))
-        _atomic_write(root / mask_rel, _saver(mask_t, fmt))
-        rows.append((clip_rel, mask_rel, label_list[i]))
-
-    def write_csv(handle: IO[bytes]) -> None:
-        lines = [",".join(COLUMNS)] + [f"{c},{m},{y}" for c, m, y in rows]
-        handle.write(("\n".join(lines) + "\n").encode("utf-8"))
-
-    _atomic_write(csv_path, write_csv)
-    return root
-
-
-def _saver(tensor: Tensor, fmt: str) -> Callable[[IO[bytes]], None]:
-    def save(handle: IO[bytes]) -> None:
-        if fmt == "npy":
-            np.save(handle, tensor.numpy(), allow_pickle=False)
-        else:
-            torch.save(tensor.contiguous().clone(), handle)
-
-    return save
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

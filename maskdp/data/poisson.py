@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from maskdp.checks import check_sample_rate
+from maskdp.checks import check_count, check_sample_rate
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness
 from maskdp.mechanism.sampling import PoissonSampler, steps_per_epoch
@@ -162,11 +162,7 @@ class PoissonDataLoader(DataLoader):
         the loader's ``batch_size``; capped at 1), ``steps``: a Poisson loader's own, else
         one epoch (:func:`~maskdp.mechanism.sampling.steps_per_epoch` of the rate).
         """
-        if not isinstance(data_loader, DataLoader):
-            raise InvalidInputError(
-                f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
-            )
-        n = _check_dataset(data_loader.dataset)
+        n = _check_dataset(check_data_loader(data_loader).dataset)
         if sample_rate is None:
             if isinstance(data_loader, PoissonDataLoader):
                 sample_rate = data_loader.sample_rate
@@ -196,6 +192,15 @@ class PoissonDataLoader(DataLoader):
         )
 
 
+def check_data_loader(data_loader: Any) -> DataLoader:
+    """``data_loader`` if it is a torch DataLoader; a one-line error otherwise."""
+    if not isinstance(data_loader, DataLoader):
+        raise InvalidInputError(
+            f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
+        )
+    return data_loader
+
+
 def poisson_loader(
     dataset: Dataset | Sequence[Any],
     *,
@@ -206,8 +211,7 @@ def poisson_loader(
 ) -> PoissonDataLoader:
     """A :class:`PoissonDataLoader` with expected batch size ``batch_size`` (q = B / N)."""
     n = _check_dataset(dataset)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size, 1)
     return PoissonDataLoader(
         dataset,  # type: ignore[arg-type]
         sample_rate=min(1.0, batch_size / n),

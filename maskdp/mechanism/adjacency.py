@@ -28,6 +28,7 @@ from torch import Tensor
 
 from maskdp.accounting.choices import RELATIONS
 from maskdp.accounting.choices import RelationName as Relation
+from maskdp.checks import check_bool, check_choice
 from maskdp.errors import InvalidInputError
 
 
@@ -53,8 +54,7 @@ class Record:
                 f"Record mask shape {tuple(self.mask.shape)} does not match inputs (T, H, W) "
                 f"{tuple(self.inputs.shape[1:])}"
             )
-        if not isinstance(self.present, bool):
-            raise InvalidInputError(f"Record present must be a bool, got {self.present!r}")
+        check_bool("Record present", self.present)
         object.__setattr__(self, "target", torch.as_tensor(self.target))
 
     @property
@@ -113,8 +113,7 @@ def are_adjacent(d1: Sequence[Record], d2: Sequence[Record], relation: Relation 
     - ``"erase"``: exactly one of the two is present;
     - ``"substitute"``: both are present (so they differ inside the mask only).
     """
-    if relation not in RELATIONS:
-        raise InvalidInputError(f"relation must be one of {RELATIONS}, got {relation!r}")
+    check_choice("relation", relation, RELATIONS)
     if len(d1) != len(d2):
         return False
     differing = [i for i, (a, b) in enumerate(zip(d1, d2, strict=True)) if not same_record(a, b)]

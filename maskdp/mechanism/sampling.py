@@ -28,8 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from maskdp.checks import check_finite, check_sample_rate
-from maskdp.errors import InvalidInputError
+from maskdp.checks import check_count, check_finite, check_int_in, check_sample_rate
 from maskdp.mechanism.randomness import Randomness, check_randomness
 
 
@@ -51,11 +50,8 @@ def epochs_to_steps(epochs: float, sample_rate: float) -> int:
 
 
 def _check_shard(num_records: int, rank: int, world_size: int) -> None:
-    for name, value, low in (("num_records", num_records, 1), ("world_size", world_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise InvalidInputError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    check_count("num_records", num_records, 1)
+    check_int_in("rank", rank, 0, check_count("world_size", world_size, 1) - 1)
 
 
 def bernoulli_positions(count: int, sample_rate: float, randomness: Randomness) -> Tensor:
@@ -112,8 +108,7 @@ class PoissonSampler:
     ) -> None:
         self.sample_rate = check_sample_rate(sample_rate)
         _check_shard(num_records, rank, world_size)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InvalidInputError(f"steps must be an int >= 1, got {steps!r}")
+        check_count("steps", steps, 1)
         self.num_records, self.steps = num_records, steps
         self.rank, self.world_size = rank, world_size
         self.randomness = check_randomness(randomness)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from maskdp.checks import check_count
 from maskdp.errors import InvalidInputError
 
 MAX_GROUPS = 32
@@ -52,8 +53,7 @@ def group_count(channels: int, groups: int | None = None) -> int:
     """The GroupNorm group count for ``channels``: ``groups`` if given, else the largest
     divisor of ``channels`` that is at most 32."""
     if groups is not None:
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise InvalidInputError(f"groups must be a positive int, got {groups!r}")
+        check_count("groups", groups, 1)
         if channels % groups:
             raise InvalidInputError(
                 f"groups={groups} does not divide {channels} channels; pass groups=None to "

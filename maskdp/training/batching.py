@@ -22,6 +22,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from maskdp.checks import check_count
 from maskdp.errors import InvalidInputError
 
 
@@ -38,11 +39,8 @@ class _Accumulates(Protocol):
 
 
 def check_max_physical_batch_size(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(
-            f"max_physical_batch_size must be an int >= 1 (records per forward pass), got {value!r}"
-        )
-    return value
+    """Records per forward pass: an int >= 1."""
+    return check_count("max_physical_batch_size", value, 1)
 
 
 def iterate_micro_batches(

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from maskdp.accounting.ledger import ACCOUNTANTS
 from maskdp.checks import check_batch_size, check_choice, check_delta, check_target_epsilon
-from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader
+from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader, check_data_loader
 from maskdp.engines.base import PerSampleLoss
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness, SecretRandomness
@@ -61,10 +61,7 @@ def _shard(model: nn.Module) -> tuple[int, int]:
 
 def _rate(data_loader: DataLoader) -> tuple[float, int, int]:
     """The private rate q = B / N, the expected batch size B and N."""
-    if not isinstance(data_loader, DataLoader):
-        raise InvalidInputError(
-            f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
-        )
+    check_data_loader(data_loader)
     if isinstance(data_loader, PoissonDataLoader):
         n = len(data_loader.dataset)  # type: ignore[arg-type]
         return data_loader.sample_rate, max(1, round(data_loader.expected_batch_size)), n

@@ -71,7 +71,7 @@ def test_groups_argument_shared_modules_and_non_affine():
     assert len(changes) == 2
     with pytest.raises(InvalidInputError, match="does not divide"):
         prepare(nn.Sequential(nn.BatchNorm1d(6)), groups=4)
-    with pytest.raises(InvalidInputError, match="positive int"):
+    with pytest.raises(InvalidInputError, match="groups must be an int >= 1"):
         prepare(model, groups=0)
 
 
