@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "MaskDPDataLoader": "maskdp.data.poisson",
     "StepBatches": "maskdp.data.poisson",
     "SyntheticPrivateActions": "maskdp.data.synthetic",
+    "RealFootageActions": "maskdp.data.real_footage",
     "ClipFolder": "maskdp.data.folder",
     "FrameWindow": "maskdp.data.footage",
     "read_video": "maskdp.data.footage",

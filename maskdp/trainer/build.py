@@ -57,6 +57,8 @@ class MemoDataset(Dataset):
 
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
     """Train set, test set and number of classes."""
+    if config.dataset == "synthetic" and config.scenario.startswith("footage-"):
+        return _footage_datasets(config)
     if config.dataset == "synthetic":
         from maskdp.data import SyntheticPrivateActions
 
@@ -74,6 +76,28 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
     root = Path(config.dataset)
     train, test = ClipFolder(root / "train"), ClipFolder(root / "test")
     return train, test, int(max(train.num_classes, test.num_classes))
+
+
+FOOTAGE_TASKS = {
+    "footage-action": "avatar-action",
+    "footage-context": "avatar-context",
+    "footage-person": "person",
+}
+
+
+def _footage_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    """The real-footage task of ``config.scenario`` (:mod:`maskdp.data.real_footage`)."""
+    from maskdp.data.real_footage import RealFootageActions
+
+    common = dict(
+        task=FOOTAGE_TASKS[config.scenario],
+        frames=config.frames,
+        image_size=config.image_size,
+        seed=config.seed,
+    )
+    train = RealFootageActions(config.train_size, train=True, **common)
+    test = RealFootageActions(config.test_size, train=False, **common)
+    return MemoDataset(train), MemoDataset(test), train.num_classes
 
 
 def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:

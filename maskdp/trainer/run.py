@@ -37,14 +37,6 @@ from maskdp.training.distributed import DistributedContext, from_env, sum_gradie
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Run", "TrainResult", "evaluate_model", "train"]
 
 
-def collate(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack the records at ``indices`` (an empty batch keeps the record shapes)."""
-    if len(indices):
-        return default_collate([dataset[int(i)] for i in indices])
-    x, m, y = dataset[0]
-    return x.new_zeros((0, *x.shape)), m.new_zeros((0, *m.shape)), torch.zeros(0, dtype=y.dtype)
-
-
 def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128) -> float:
     """Top-1 action accuracy on full clips."""
     device = next(model.parameters()).device
@@ -52,8 +44,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128)
     correct = 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(dataset)))
-            x, _, y = collate(dataset, idx)
+            stop = min(start + batch_size, len(dataset))
+            x, _, y = default_collate([dataset[i] for i in range(start, stop)])
             correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
     model.train()
     return correct / max(1, len(dataset))

