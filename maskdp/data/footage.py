@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,34 +81,38 @@ def _av() -> Any:
     return av
 
 
-def _decode(path: Path, last: int | None) -> list[np.ndarray]:
-    """RGB frames (H, W, 3) uint8 of ``path``, up to source frame ``last`` (all if None)."""
-    av = _av()
-    frames: list[np.ndarray] = []
+def iter_frames(path: str | Path, last: int | None = None) -> Iterator[np.ndarray]:
+    """RGB frames (H, W, 3) uint8 of the video at ``path`` in order, up to source frame
+    ``last`` (all if None), decoded one at a time."""
+    av, source = _av(), Path(path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(source)) as container:
             if not container.streams.video:
-                raise InvalidInputError(f"{path} holds no video stream")
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if last is not None and len(frames) > last:
-                    break
+                raise InvalidInputError(f"{source} holds no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                yield frame.to_ndarray(format="rgb24")
+                if last is not None and index >= last:
+                    return
     except InvalidInputError:
         raise
     except FileNotFoundError:
-        raise InvalidInputError(f"video file {path} does not exist") from None
+        raise InvalidInputError(f"video file {source} does not exist") from None
     except Exception as err:  # FFmpeg's errors: a corrupt or foreign file
-        raise InvalidInputError(f"cannot decode video file {path}: {err}") from None
-    return frames
+        raise InvalidInputError(f"cannot decode video file {source}: {err}") from None
 
 
 def read_video(path: str | Path, window: FrameWindow | None = None) -> tuple[Tensor, list[int]]:
     """The clip (3, T, H, W) float32 in [0, 1] of ``window`` (default: every frame) in the
     video at ``path``, and the source frame numbers it holds (to cut its mask alike)."""
     source, window = Path(path), window or FrameWindow()
-    decoded = _decode(source, window.last())
-    chosen = window.indices(len(decoded), source)
-    clip = torch.from_numpy(np.stack([decoded[i] for i in chosen]))
+    kept: dict[int, np.ndarray] = {}  # only the window's frames stay in memory
+    total = 0
+    for index, frame in enumerate(iter_frames(source, window.last())):
+        total = index + 1
+        if index >= window.start and (index - window.start) % window.stride == 0:
+            kept[index] = frame
+    chosen = window.indices(total, source)
+    clip = torch.from_numpy(np.stack([kept[i] for i in chosen]))
     return clip.permute(3, 0, 1, 2).float() / 255.0, chosen
 
 
@@ -117,7 +122,7 @@ def _mask_images(folder: Path) -> list[np.ndarray]:
         raise InvalidInputError(f"mask folder {folder} holds no .png frames")
     images = []
     for file in files:
-        frames = _decode(file, 0)
+        frames = list(iter_frames(file, 0))
         if len(frames) != 1:
             raise InvalidInputError(f"mask image {file} is not one image")
         images.append(frames[0].max(axis=2) > 0)  # any channel non-zero = sensitive

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from maskdp.checks import check_choice, check_count
-from maskdp.data.footage import read_video
+from maskdp.data.footage import iter_frames
 from maskdp.data.scenes import sensitive_mask, silhouette, trajectory
 from maskdp.data.textures import ROLES, random_texture
 from maskdp.errors import InvalidInputError
@@ -65,13 +65,30 @@ def footage_folder() -> Path:
 
 @functools.lru_cache(maxsize=len(SCENES))
 def source_frames(name: str) -> Tensor:
-    """Every frame of scene ``name`` as (T, 3, h, w) float32, ``SOURCE_WIDTH`` wide."""
-    files = dict(SCENES)
-    clip, _ = read_video(footage_folder() / files[name])  # (3, T, H, W)
-    height = round(clip.shape[2] * SOURCE_WIDTH / clip.shape[3])
-    frames = clip.permute(1, 0, 2, 3)
+    """Every frame of scene ``name`` as (T, 3, h, w) float32, ``SOURCE_WIDTH`` wide.
+
+    Frames are shrunk in chunks as they are decoded, so the full-size video (522 MB as
+    float32 for ``bikes.mp4``) is never held at once."""
+    chunks, batch = [], []
+    for frame in iter_frames(footage_folder() / dict(SCENES)[name]):
+        batch.append(frame)
+        if len(batch) == _CHUNK:
+            chunks.append(_shrink(batch))
+            batch = []
+    if batch:
+        chunks.append(_shrink(batch))
+    return torch.cat(chunks)
+
+
+_CHUNK = 32
+
+
+def _shrink(frames: list[np.ndarray]) -> Tensor:
+    """uint8 frames (H, W, 3) as (T, 3, h, w) float32 in [0, 1], ``SOURCE_WIDTH`` wide."""
+    batch = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+    height = round(batch.shape[2] * SOURCE_WIDTH / batch.shape[3])
     return torch.nn.functional.interpolate(
-        frames, size=(height, SOURCE_WIDTH), mode="bilinear", antialias=True, align_corners=False
+        batch, size=(height, SOURCE_WIDTH), mode="bilinear", antialias=True, align_corners=False
     ).clamp_(0.0, 1.0)
 
 
