@@ -19,10 +19,11 @@ raises :class:`~maskdp.errors.InvalidInputError` naming the file and the CSV lin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -203,8 +204,16 @@ def _window(row: dict[str | None, Any], where: str) -> FrameWindow:
                 given[column] = int(value)
             except ValueError:
                 raise InvalidInputError(f"{where}: {column} {value!r} is not an integer") from None
-    try:
+    with _located(where):
         return FrameWindow(**given)
+
+
+@contextlib.contextmanager
+def _located(where: str) -> Iterator[None]:
+    """Prefix the message of an :class:`InvalidInputError` raised inside with ``where``
+    (the CSV line): the footage readers name the file, the folder names the line."""
+    try:
+        yield
     except InvalidInputError as err:
         raise InvalidInputError(f"{where}: {err}") from None
 
@@ -212,31 +221,24 @@ def _window(row: dict[str | None, Any], where: str) -> FrameWindow:
 def _load_clip(record: ClipRecord, where: str) -> tuple[Tensor, list[int]]:
     """The record's clip (C, T, H, W) and the source frames it holds."""
     if record.clip.suffix.lower() in VIDEO_SUFFIXES:
-        try:
+        with _located(where):
             clip, frames = read_video(record.clip, record.window)
-        except InvalidInputError as err:
-            raise InvalidInputError(f"{where}: {err}") from None
         return check_clip(clip, record.clip, where), frames
     source = check_clip(_load(record.clip, "clip", where), record.clip, where)
-    try:
+    with _located(where):
         frames = record.window.indices(source.shape[1], record.clip)
-    except InvalidInputError as err:
-        raise InvalidInputError(f"{where}: {err}") from None
     return source[:, frames], frames
 
 
 def _load_mask(record: ClipRecord, frames: list[int], size: Any, where: str) -> Tensor:
     """The record's mask (T, H, W) on the clip's source ``frames``."""
-    try:
-        if record.mask.is_dir() or record.mask.suffix.lower() in BOX_SUFFIXES:
+    if record.mask.is_dir() or record.mask.suffix.lower() in BOX_SUFFIXES:
+        with _located(where):
             mask = read_mask(record.mask, frames, height=int(size[0]), width=int(size[1]))
-        else:
-            source = check_mask(_load(record.mask, "mask", where), record.mask, where)
+    else:  # _load and check_mask name the line themselves
+        source = check_mask(_load(record.mask, "mask", where), record.mask, where)
+        with _located(where):
             mask = source[select(frames, source.shape[0], record.mask)]
-    except InvalidInputError as err:
-        raise InvalidInputError(
-            err.args[0] if where in err.args[0] else f"{where}: {err}"
-        ) from None
     return check_mask(mask, record.mask, where)
 
 
