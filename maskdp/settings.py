@@ -18,11 +18,9 @@ with :math:`\sigma` = ``noise_multiplier``, :math:`C` = ``max_grad_norm``, :math
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from maskdp.accounting.ledger import ACCOUNTANTS
 from maskdp.checks import (
@@ -38,10 +36,8 @@ from maskdp.checks import (
 from maskdp.engines.base import check_engine_name
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.postprocess import check_private_weight, check_shrinkage
-from maskdp.mechanism.views import PublicView, as_view
+from maskdp.mechanism.views import ViewArg, as_view
 from maskdp.training.precision import check_autocast
-
-ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

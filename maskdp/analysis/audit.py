@@ -104,7 +104,8 @@ from maskdp.analysis.stats import (
 from maskdp.analysis.subsampled import subsampled_audit, subsampled_target
 from maskdp.engines.base import trainable_parameters
 from maskdp.errors import InvalidInputError
-from maskdp.settings import PrivacySettings, ViewArg
+from maskdp.mechanism.views import ViewArg
+from maskdp.settings import PrivacySettings
 
 __all__ = [
     "AuditConfig",

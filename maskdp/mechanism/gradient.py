@@ -17,7 +17,7 @@ Nothing here raises or branches on the content of the private batch: a record wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ from maskdp.engines.probe import ModelGuard
 from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.masks import check_pixel_mask
-from maskdp.mechanism.views import PublicView, as_view, with_absent
+from maskdp.mechanism.views import PublicView, ViewArg, as_view, with_absent
 
 Records = Sequence[Tensor]  # (inputs (N, C, T, H, W), mask (N, T, H, W), targets (N,))
 
@@ -186,7 +186,7 @@ def masked_gradient(
     *,
     max_grad_norm: float,
     public: Records | None = None,
-    view: PublicView | Callable[[Tensor, Tensor], Tensor] | None = None,
+    view: ViewArg = None,
     engine: str = "auto",
     protect_labels: bool = False,
     present: Tensor | None = None,

@@ -364,7 +364,11 @@ class CallableView(_PixelView):
         return f"CallableView({getattr(self.fn, '__name__', repr(self.fn))})"
 
 
-def as_view(view: PublicView | Callable[[Tensor, Tensor], Tensor] | None) -> PublicView:
+#: What a ``view=`` argument accepts: a view, a callable ``(x, m) -> x'``, or None (default).
+ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
+
+
+def as_view(view: ViewArg) -> PublicView:
     """Resolve ``None`` to the default view and wrap plain callables in :class:`CallableView`.
 
     The default is ``FillView(0.5)``, mid-grey for clips in [0, 1] (the convention of

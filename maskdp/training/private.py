@@ -28,10 +28,9 @@ The loop::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -42,12 +41,9 @@ from maskdp.engines.base import PerSampleLoss
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import Randomness, SecretRandomness
 from maskdp.mechanism.sampling import epochs_to_steps
-from maskdp.mechanism.views import PublicView
 from maskdp.settings import PrivacySettings
 from maskdp.training.distributed import is_ddp
 from maskdp.training.optimizer import MaskDPOptimizer
-
-ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 
 
 def _shard(model: nn.Module) -> tuple[int, int]:
