@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "PublicView": "maskdp.mechanism.views",
     "FillView": "maskdp.mechanism.views",
     "RandomFillView": "maskdp.mechanism.views",
+    "TextureFillView": "maskdp.mechanism.texture_view",
+    "CoverageView": "maskdp.mechanism.coverage_view",
     "DropView": "maskdp.mechanism.views",
     "CallableView": "maskdp.mechanism.views",
     "as_view": "maskdp.mechanism.views",

@@ -36,6 +36,7 @@ from maskdp.checks import (
 from maskdp.engines.base import check_engine_name
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.postprocess import check_private_weight, check_shrinkage
+from maskdp.mechanism.subset import check_private_parameters
 from maskdp.mechanism.views import ViewArg, as_view
 from maskdp.training.precision import check_autocast
 
@@ -55,7 +56,7 @@ class PrivacySettings:
             the realised batch size).
         expected_public_batch_size: :math:`B_{pub}`, the divisor of the public term
             (default :math:`B`).
-        view: the public view (default ``FillView(0.5)``, :func:`maskdp.mechanism.views.as_view`)
+        view: the public view (default ``CoverageView()``, :func:`maskdp.mechanism.views.as_view`)
             or a callable ``(x, m) -> x'``.
         engine: ``"auto"`` or an engine name (:func:`maskdp.engines.base.engine_names`).
         protect_labels: plain DP-SGD on :math:`g_i` (no public term): protects labels too.
@@ -71,6 +72,9 @@ class PrivacySettings:
             Post-processing of the release, free in privacy (:mod:`maskdp.mechanism.postprocess`).
         shrinkage: ``None`` or ``"james-stein"``: per parameter tensor, the positive-part
             James-Stein shrinkage of :math:`Z` toward zero (post-processing too).
+        private_parameters: ``None`` (every trainable parameter) or the names of the
+            parameters (or modules) that get the private term; the others learn from the
+            public term alone (:mod:`maskdp.mechanism.subset`: same epsilon, less noise).
     """
 
     noise_multiplier: float
@@ -87,6 +91,7 @@ class PrivacySettings:
     autocast: torch.dtype | None = None
     private_weight: float = 1.0
     shrinkage: str | None = None
+    private_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         batch = check_batch_size(self.expected_batch_size)
@@ -106,6 +111,7 @@ class PrivacySettings:
             "autocast": check_autocast(self.autocast),
             "private_weight": check_private_weight(self.private_weight),
             "shrinkage": check_shrinkage(self.shrinkage),
+            "private_parameters": check_private_parameters(self.private_parameters),
             **_budget(self.target_epsilon, self.target_delta, self.noise_multiplier),
         }
         for name, value in normalised.items():
@@ -153,3 +159,28 @@ def _budget(epsilon: Any, delta: Any, sigma: Any) -> dict[str, float | None]:
         "target_epsilon": None if epsilon is None else check_target_epsilon(epsilon),
         "target_delta": None if delta is None else check_delta(delta, "target_delta"),
     }
+
+
+def resolve_settings(settings: PrivacySettings | None, options: dict[str, Any]) -> PrivacySettings:
+    """``settings``, or one built from keyword ``options`` (never both)."""
+    if settings is None:
+        return PrivacySettings.build(**options)
+    if options:
+        raise InvalidInputError(
+            f"pass either settings= or keyword settings, not both (got {sorted(options)})"
+        )
+    if not isinstance(settings, PrivacySettings):
+        raise InvalidInputError(
+            f"settings must be a PrivacySettings, got {type(settings).__name__}"
+        )
+    return settings
+
+
+class SettingAttribute:
+    """A read-only attribute that reads the same-named field of ``obj.settings``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.settings, self.name)

@@ -83,14 +83,19 @@ def release(
     shrinkage: str | None,
     noise_std: float,
 ) -> dict[str, Tensor]:
-    r""":math:`P / B_{pub} + w\, s(Z) / B` per parameter (module docstring).
+    r""":math:`P / B_{pub} + w\, s(Z) / B` per parameter (module docstring); a parameter
+    without an entry in ``noisy_private`` gets :math:`P / B_{pub}` alone.
 
     ``noise_std`` is :math:`\sigma C`; both divisors are expected batch sizes fixed before
     training, never realised ones.
     """
     out = {}
-    for name, z in noisy_private.items():
+    for name, p in public.items():
+        out[name] = p / public_batch_size
+        z = noisy_private.get(name)
+        if z is None:  # outside the private subset (maskdp.mechanism.subset): public only
+            continue
         if shrinkage == "james-stein":
             z = james_stein_factor(z, noise_std) * z
-        out[name] = public[name] / public_batch_size + (private_weight / expected_batch_size) * z
+        out[name] = out[name] + (private_weight / expected_batch_size) * z
     return out

@@ -371,19 +371,20 @@ ViewArg = PublicView | Callable[[Tensor, Tensor], Tensor] | None
 def as_view(view: ViewArg) -> PublicView:
     """Resolve ``None`` to the default view and wrap plain callables in :class:`CallableView`.
 
-    The default is ``FillView(0.5)``, mid-grey for clips in [0, 1] (the convention of
-    :mod:`maskdp.data` and of :class:`~maskdp.models.VideoViT`'s ``input_mean``). Measured
-    with the ``maskdp train`` recipe at epsilon 1 (two seeds each): fill 0.5 kept >= 99.4%
-    accuracy in both synthetic scenarios, fill 0.0 fell to 61-79% in ``person`` and fill
-    1.0 to 67-90% in ``avatar``.
+    The default is :class:`~maskdp.mechanism.coverage_view.CoverageView` (``seed=0``): a
+    moving texture in clips that are mostly sensitive (a scene), ``FillView(0.5)`` (mid-grey
+    for clips in [0, 1]) in the others (an object). Its module docstring has the
+    measurements behind the choice.
     """
     if view is None:
-        return FillView(0.5)
+        from maskdp.mechanism.coverage_view import CoverageView  # it builds on this module
+
+        return CoverageView()
     if isinstance(view, PublicView):
         return view
     if callable(view):
         return CallableView(view)
     raise InvalidInputError(
-        "view must be a PublicView (FillView, RandomFillView, InpaintView, DropView) or a "
-        f"callable (inputs, mask) -> public inputs, got {type(view).__name__}"
+        "view must be a PublicView (FillView, TextureFillView, CoverageView, DropView, ...) "
+        f"or a callable (inputs, mask) -> public inputs, got {type(view).__name__}"
     )

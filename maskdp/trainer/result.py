@@ -10,7 +10,9 @@ from typing import Any
 class TrainResult:
     """The privacy spent, the schedule and the test accuracy of a finished run.
 
-    ``epsilon`` and ``delta`` are ``None`` for a non-private run. ``train_seconds`` is the
+    ``epsilon`` and ``delta`` are ``None`` for a non-private run. ``accuracy`` is on full
+    test clips; ``masked_accuracy`` (MaskDP runs) on the test clips' public views
+    (:mod:`maskdp.inference`). ``train_seconds`` is the
     wall time of the training loop: a function of the batch sizes, whose law is the same in
     both worlds of the erase relation; timing channels are outside the guarantee
     (docs/privacy.md).
@@ -26,6 +28,7 @@ class TrainResult:
     accuracy: float
     train_seconds: float
     run_dir: str
+    masked_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict, in this order (the content of ``metrics.json``)."""

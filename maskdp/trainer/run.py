@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
 
 from maskdp.errors import InvalidInputError
+from maskdp.inference import accuracy
 from maskdp.io import atomic_write_json, remove_temporaries
 from maskdp.trainer.build import build_datasets, build_model, build_view, make_plan, resolve_device
 from maskdp.trainer.config import TrainConfig
@@ -34,21 +34,7 @@ from maskdp.trainer.rundir import CHECKPOINT, CONFIG, METRICS, check_run_dir, ne
 from maskdp.training.checkpoint import load_checkpoint, save_checkpoint
 from maskdp.training.distributed import DistributedContext, from_env, sum_gradients
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Run", "TrainResult", "evaluate_model", "train"]
-
-
-def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128) -> float:
-    """Top-1 action accuracy on full clips."""
-    device = next(model.parameters()).device
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            stop = min(start + batch_size, len(dataset))
-            x, _, y = default_collate([dataset[i] for i in range(start, stop)])
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-    model.train()
-    return correct / max(1, len(dataset))
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Run", "TrainResult", "train"]
 
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -66,7 +52,8 @@ class Run:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)  # public: data, initial weights, dropout draws
         self.train_set, self.test_set, num_classes = build_datasets(config)
-        self.model = build_model(config, num_classes).to(self.device)
+        clip_shape = tuple(self.train_set[0][0].shape)  # (C, T, H, W) of the data
+        self.model = build_model(config, num_classes, clip_shape).to(self.device)
         self.plan = make_plan(config, len(self.train_set))
         self.inner = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -99,6 +86,7 @@ class Run:
             protect_labels=config.mode == "dpsgd",
             private_weight=config.private_weight,
             shrinkage=None if config.shrinkage == "none" else config.shrinkage,
+            private_parameters=config.private_parameter_names(),
         )
         if config.mode == "nonprivate":
             optimizer.close()
@@ -203,6 +191,13 @@ class Run:
                 self.save()
             yield self.step, loss
 
+    def _masked_accuracy(self) -> float | None:
+        """Accuracy on test clips through a fresh copy of the training view (MaskDP runs)."""
+        if self.config.mode != "maskdp":
+            return None
+        view = build_view(self.config, self.model)
+        return accuracy(self.model, self.test_set, masked=True, view=view)
+
     def metrics(self) -> dict[str, Any]:
         """Privacy spent, schedule and test accuracy at the current step."""
         epsilon = self.epsilon()
@@ -214,7 +209,8 @@ class Run:
             "private_steps": max(0, self.step - self.plan.public_steps),
             "noise_multiplier": self.plan.noise_multiplier,
             "sample_rate": self.plan.sample_rate,
-            "accuracy": evaluate_model(self.model, self.test_set),
+            "accuracy": accuracy(self.model, self.test_set),
+            "masked_accuracy": self._masked_accuracy(),
         }
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ from maskdp.mechanism.randomness import (
     is_replayable,
     private_scope,
 )
-from maskdp.settings import PrivacySettings
+from maskdp.mechanism.subset import private_subset, resolve_private_parameters
+from maskdp.settings import PrivacySettings, SettingAttribute, resolve_settings
 from maskdp.training import precision
 from maskdp.training.distributed import DistributedContext, unwrap_ddp
 from maskdp.training.spent import PrivacySpent
@@ -69,31 +71,6 @@ Sums = dict[str, Tensor]
 
 def _add(total: Sums | None, more: Sums) -> Sums:
     return more if total is None else {n: total[n] + more[n] for n in more}
-
-
-def _settings(settings: PrivacySettings | None, options: dict[str, Any]) -> PrivacySettings:
-    """``settings``, or one built from keyword ``options`` (never both)."""
-    if settings is None:
-        return PrivacySettings.build(**options)
-    if options:
-        raise InvalidInputError(
-            f"pass either settings= or keyword settings, not both (got {sorted(options)})"
-        )
-    if not isinstance(settings, PrivacySettings):
-        raise InvalidInputError(
-            f"settings must be a PrivacySettings, got {type(settings).__name__}"
-        )
-    return settings
-
-
-class _Setting:
-    """A read-only attribute that reads the same-named field of ``obj.settings``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.settings, self.name)
 
 
 class MaskDPOptimizer(OptimizerWrapper):
@@ -110,7 +87,7 @@ class MaskDPOptimizer(OptimizerWrapper):
             ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``expected_batch_size``
             (required), ``expected_public_batch_size``, ``view``, ``engine``,
             ``protect_labels``, ``target_epsilon``, ``target_delta``, ``accountant``,
-            ``autocast``, ``private_weight``, ``shrinkage``.
+            ``autocast``, ``private_weight``, ``shrinkage``, ``private_parameters``.
         randomness: where the noise comes from: ``None`` (default) draws it from the OS
             entropy pool, secret and stateless (:mod:`maskdp.mechanism.randomness`). Only
             tests pass :class:`~maskdp.mechanism.randomness.InsecureSeededRandomness`
@@ -136,7 +113,7 @@ class MaskDPOptimizer(OptimizerWrapper):
         # Validate everything before building anything (an invalid wrapper never exists).
         model, self._dist = unwrap_ddp(model)
         #: The mechanism's settings (frozen, validated): :class:`~maskdp.settings.PrivacySettings`.
-        self.settings = _settings(settings, options)
+        self.settings = resolve_settings(settings, options)
         validate_model(model)
         super().__init__(optimizer, model)
         self._randomness = check_randomness(randomness)
@@ -149,7 +126,10 @@ class MaskDPOptimizer(OptimizerWrapper):
             )
         if self._dist is not None:  # a collective: every rank builds its optimizer here
             self._dist.check_same_settings(self.settings, optimizer)
-        self._engine: Engine = engine_cls(model, loss_fn)
+        #: Names of the parameters that get the private term (:mod:`maskdp.mechanism.subset`).
+        self._private_names = resolve_private_parameters(model, self.settings.private_parameters)
+        with private_subset(model, self._private_names):
+            self._engine: Engine = engine_cls(model, loss_fn)
         self._guard = ModelGuard(model)
 
         self._spent = PrivacySpent(self.settings)
@@ -164,19 +144,20 @@ class MaskDPOptimizer(OptimizerWrapper):
     # ------------------------------------------------------------------ configuration
 
     # Read-only views of :attr:`settings` (``optimizer.noise_multiplier`` etc.).
-    autocast = _Setting()
-    view = _Setting()
-    private_weight = _Setting()
-    shrinkage = _Setting()
-    noise_multiplier = _Setting()
-    max_grad_norm = _Setting()
-    expected_batch_size = _Setting()
-    sample_rate = _Setting()
-    expected_public_batch_size = _Setting()
-    protect_labels = _Setting()
-    target_epsilon = _Setting()
-    target_delta = _Setting()
-    accountant = _Setting()
+    autocast = SettingAttribute()
+    view = SettingAttribute()
+    private_weight = SettingAttribute()
+    shrinkage = SettingAttribute()
+    private_parameters = SettingAttribute()
+    noise_multiplier = SettingAttribute()
+    max_grad_norm = SettingAttribute()
+    expected_batch_size = SettingAttribute()
+    sample_rate = SettingAttribute()
+    expected_public_batch_size = SettingAttribute()
+    protect_labels = SettingAttribute()
+    target_epsilon = SettingAttribute()
+    target_delta = SettingAttribute()
+    accountant = SettingAttribute()
 
     @property
     def model(self) -> nn.Module:
@@ -255,7 +236,7 @@ class MaskDPOptimizer(OptimizerWrapper):
         # The private side on a random stream of its own (maskdp.mechanism.randomness.private_scope):
         # what it draws never shifts the streams the public batch uses.
         with self._guard.watch(), precision.autocast(self.settings.autocast, inputs.device):
-            with private_scope(self._randomness, inputs.device):
+            with private_scope(self._randomness, inputs.device), self._private_pass():
                 batch = make_batch(
                     self.settings.view,
                     inputs,
@@ -270,12 +251,17 @@ class MaskDPOptimizer(OptimizerWrapper):
                 public_sum, loss, count = public_gradient(
                     self._model, self._engine.loss_fn, self.settings.view, public_batch
                 )
-        self._private_sum = _add(self._private_sum, self._select(clipped.private))
+        private = self._select(clipped.private, self._private_names)
+        self._private_sum = _add(self._private_sum, private)
         self.last_norms, self.last_clip_factors = clipped.norms, clipped.clip_factors
         if public_batch is None:
             return torch.full((), math.nan)
         self._public_sum = _add(self._public_sum, self._select(public_sum))
         return loss / count if count else torch.full((), math.nan)
+
+    def _private_pass(self) -> AbstractContextManager[None]:
+        """The private side runs with the parameters outside the private subset frozen."""
+        return private_subset(self._model, self._private_names)
 
     def add_noise(self) -> None:
         r""":math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)`, always (an empty batch too).
@@ -284,7 +270,9 @@ class MaskDPOptimizer(OptimizerWrapper):
         noise, then the ranks' sums are all-reduced, so the noise enters the global sum
         exactly once (:mod:`maskdp.training.distributed`).
         """
-        private = self._private_sum if self._private_sum is not None else self._zeros()
+        private = self._private_sum
+        if private is None:
+            private = self._zeros(self._private_names)
         main = self._dist is None or self._dist.is_main
         std = self.settings.noise_multiplier * self.settings.max_grad_norm if main else 0.0
         private = noise.add_noise(private, std=std, randomness=self._randomness)

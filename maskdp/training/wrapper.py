@@ -8,7 +8,7 @@ model (the clipped, noised gradient covers exactly those).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -104,18 +104,23 @@ class OptimizerWrapper(Optimizer):
         """(name, parameter) of every parameter the inner optimizer updates, in its order."""
         return [(self._names[id(p)], p) for g in self._inner.param_groups for p in g["params"]]
 
-    def _select(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The released parameters' entries of ``sums``, in float32 or wider."""
-        missing = [name for name, _ in self._released() if name not in sums]
+    def _select(
+        self, sums: dict[str, Tensor], among: Container[str] | None = None
+    ) -> dict[str, Tensor]:
+        """The released parameters' entries of ``sums`` (those ``among`` names, if given), in
+        float32 or wider."""
+        released = [(n, p) for n, p in self._released() if among is None or n in among]
+        missing = [name for name, _ in released if name not in sums]
         if missing:
             raise InvalidInputError(
                 f"parameters {missing} are in the optimizer but the engine gave no gradient "
                 "for them (requires_grad turned off after building the optimizer?)"
             )
-        return {name: sums[name].to(accumulation_dtype(p.dtype)) for name, p in self._released()}
+        return {name: sums[name].to(accumulation_dtype(p.dtype)) for name, p in released}
 
-    def _zeros(self) -> dict[str, Tensor]:
+    def _zeros(self, among: Container[str] | None = None) -> dict[str, Tensor]:
         return {
             name: torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
             for name, p in self._released()
+            if among is None or name in among
         }

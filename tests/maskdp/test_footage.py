@@ -171,3 +171,33 @@ def test_a_clip_folder_row_with_a_bad_window_names_its_line(tmp_path):
     )
     with pytest.raises(InvalidInputError, match=r"labels.csv line 2: .*a.mkv has 9 frames"):
         ClipFolder(tmp_path)[0]
+
+
+def write_footage_split(root: Path, rows: int, seed: int) -> None:
+    """A clip folder over one real-video file: windows of 4 frames, boxes as masks."""
+    (root / "clips").mkdir(parents=True)
+    write_video(root / "clips" / "scene.mkv", source_frames(seed))
+    (root / "boxes.csv").write_text("frame,x0,y0,x1,y1\n" + "".join(
+        f"{t},2,2,10,10\n" for t in range(T)
+    ))  # fmt: skip
+    lines = [f"clips/scene.mkv,boxes.csv,{i % 2},{i % (T - 3)},4,1" for i in range(rows)]
+    (root / "labels.csv").write_text("clip,mask,label,start,frames,stride\n" + "\n".join(lines))
+
+
+def test_maskdp_train_data_trains_on_a_folder_of_real_video(tmp_path, capsys):
+    """``maskdp train --data PATH``: the folder's size sets the sampling rate, its clips'
+    shape (4 frames of 16 x 24, not square) the model."""
+    from maskdp.accounting.cli import run as run_cli
+
+    from maskdp.cli.app import app
+
+    write_footage_split(tmp_path / "data" / "train", rows=12, seed=1)
+    write_footage_split(tmp_path / "data" / "test", rows=6, seed=2)
+    run_dir = tmp_path / "run"
+    args = ["--data", str(tmp_path / "data"), "--run-dir", str(run_dir), "--batch-size", "3"]
+    args += ["--epochs", "1", "--public-epochs", "1", "--threads", "1", "--json"]
+    assert run_cli(app, ["train", *args]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["sample_rate"] == 3 / 12 and metrics["private_steps"] == 4
+    assert metrics["epsilon"] <= 1.0 and metrics["accuracy"] in {k / 6 for k in range(7)}
+    assert json.loads((run_dir / "config.json").read_text())["data"] == str(tmp_path / "data")

@@ -460,16 +460,22 @@ def test_a_module_switched_to_train_after_the_probe_is_probed_again() -> None:
         optimizer.backward(x, m, y, public=public)
 
 
-@pytest.mark.parametrize("random_view", [True, False])
-def test_the_public_term_does_not_depend_on_the_private_batch_size(random_view: bool) -> None:
+@pytest.mark.parametrize("view_name", ["random", "texture", "fill"])
+def test_the_public_term_does_not_depend_on_the_private_batch_size(view_name: str) -> None:
     """Review 2, finding 4: the private side draws from a stream of its own, so the public
     batch's fills and dropout draws do not shift with the size of the private batch."""
+    from maskdp.mechanism.texture_view import TextureFillView
     from maskdp.mechanism.views import RandomFillView
 
+    views = {
+        "random": lambda: RandomFillView(-1.0, 1.0, seed=3),
+        "texture": lambda: TextureFillView(-1.0, 1.0, seed=3),
+        "fill": lambda: FillView(0.0),
+    }
     sums = []
     for size in (0, 1, 3):
         model = random_net()
-        view = RandomFillView(-1.0, 1.0, seed=3) if random_view else FillView(0.0)
+        view = views[view_name]()
         optimizer = sgd_optimizer(model, view=view)
         x, m, y = batch(4)
         torch.manual_seed(7)  # the public side's draws (dropout) start at the same state

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from maskdp.engines.base import ClippedSum, engine_names, resolve_engine, trainable_parameters
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.coverage_view import CoverageView
 from maskdp.mechanism.gradient import MaskedGradient, make_batch, masked_gradient, public_gradient
+from maskdp.mechanism.texture_view import TextureFillView
 from maskdp.mechanism.views import (
     CallableView,
     DropView,
@@ -49,6 +51,11 @@ def public_mean_fill(inputs: Tensor, mask: Tensor) -> Tensor:
 VIEWS = {
     "fill": lambda model: FillView([0.1, -0.2, 0.3]),
     "random": lambda model: RandomFillView(-2.0, 2.0, seed=11),  # same seed in both worlds
+    "texture": lambda model: TextureFillView(-1.0, 1.0, seed=11),
+    # threshold between the records' sensitive fractions: both branches are used
+    "coverage": lambda model: CoverageView(
+        TextureFillView(-1.0, 1.0, seed=11), FillView(0.2), threshold=0.38
+    ),
     "drop": lambda model: DropView.for_model(model),
     "callable": lambda model: CallableView(public_mean_fill),
     # temporal fill, with the per-frame public mean and the constant as fallbacks
@@ -229,7 +236,9 @@ def test_non_finite_sensitive_content_contributes_exactly_zero(engine, view_name
         torch.testing.assert_close(b.private[name], value, rtol=1e-5, atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("view_name", ["fill", "random", "callable", "inpaint"])
+@pytest.mark.parametrize(
+    "view_name", ["fill", "random", "texture", "coverage", "callable", "inpaint"]
+)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cnn_sensitive_content_moves_only_the_clipped_private_sum(engine, view_name):
     a, b = engine_pair(engine, view_name, cnn(), "huge")
@@ -281,7 +290,7 @@ class DropoutViT(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["noise", "huge"])
-@pytest.mark.parametrize("view_name", ["fill", "random", "inpaint"])
+@pytest.mark.parametrize("view_name", ["fill", "random", "texture", "inpaint"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_random_model_keeps_the_bounds(engine, view_name, how):
     """Dropout in train mode: the two passes of each record share their random draws, so the

@@ -289,7 +289,9 @@ def test_cli_train_has_one_option_per_config_field() -> None:
         assert option.default == field.default, name
         assert field.description and field.description in option.help, name
     assert options["temporal_centering"].secondary_opts == ["--no-temporal-centering"]
-    assert "One of: fill, random, inpaint, drop." in options["view"].help  # and a click choice
+    assert (
+        "One of: coverage, texture, fill, random, inpaint, drop." in options["view"].help
+    )  # and a click choice
 
 
 def test_cli_flags_override_the_config_file(tmp_path: Path, monkeypatch) -> None:
@@ -336,3 +338,20 @@ def test_footage_scenario_trains_on_real_clips(tmp_path: Path) -> None:
 
     train_set, test_set, classes = build_datasets(build_config(**config))
     assert classes == 4 and train_set[0][0].shape == (3, 4, 16, 16)
+
+
+def test_r3d_18_is_built_private_trainable() -> None:
+    """``--model r3d_18``: torchvision's model with GroupNorm for BatchNorm, which the
+    private step accepts, on a small clip."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from maskdp.engines.validate import validate_model
+    from maskdp.trainer.build import build_model
+
+    model = build_model(build_config(model="r3d_18"), 4, (3, 4, 16, 16))
+    assert not any(isinstance(m, _BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 20
+    validate_model(model)
+    assert model(torch.rand(2, 3, 4, 16, 16)).shape == (2, 4)
+    with pytest.raises(InvalidInputError, match="3-channel"):
+        build_model(build_config(model="r3d_18"), 4, (1, 4, 16, 16))

@@ -241,7 +241,11 @@ def test_with_absent_shows_erased_records_their_public_view():
 
 
 def test_as_view_resolution():
-    assert isinstance(as_view(None), FillView)
+    from maskdp.mechanism.coverage_view import CoverageView
+
+    default = as_view(None)
+    assert isinstance(default, CoverageView) and default.threshold == 0.5
+    assert isinstance(default.small, FillView) and default.small.value == (0.5,)
     assert isinstance(as_view(lambda x, m: x), CallableView)
     with pytest.raises(InvalidInputError):
         as_view(3)
