@@ -113,6 +113,13 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(
         64, ge=1, description="Expected (Poisson) batch size.", json_schema_extra=_OPTIMISATION
     )
+    public_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Expected size of the public batch (its own Poisson rate; free in "
+        "privacy); default: --batch-size.",
+        json_schema_extra=_OPTIMISATION,
+    )
     lr: float = Field(
         2e-3, gt=0, description="Learning rate (AdamW).", json_schema_extra=_OPTIMISATION
     )
@@ -178,8 +185,10 @@ class TrainConfig(BaseModel):
         if self.mode != "nonprivate":
             if self.target_epsilon is not None and self.noise_multiplier is not None:
                 raise ValueError("give either target_epsilon or noise_multiplier, not both")
-        if self.batch_size > self.train_size and self.data == "synthetic":
-            raise ValueError(f"batch_size {self.batch_size} exceeds train_size {self.train_size}")
+        for name in ("batch_size", "public_batch_size"):
+            size = getattr(self, name)
+            if size is not None and size > self.train_size and self.data == "synthetic":
+                raise ValueError(f"{name} {size} exceeds train_size {self.train_size}")
         return self
 
     def private_parameter_names(self) -> tuple[str, ...] | None:

@@ -87,6 +87,7 @@ class Run:
             private_weight=config.private_weight,
             shrinkage=None if config.shrinkage == "none" else config.shrinkage,
             private_parameters=config.private_parameter_names(),
+            public_batch_size=config.public_batch_size,
         )
         if config.mode == "nonprivate":
             optimizer.close()
@@ -143,14 +144,14 @@ class Run:
                     None if public is None else self._on_device(public),
                 )
 
-    def _plain_step(self, x: Tensor, y: Tensor, model_input: Any) -> float:
+    def _plain_step(self, x: Tensor, y: Tensor, model_input: Any, divisor: int) -> float:
         """A non-private step on ``model_input`` (public views, or full clips when
-        non-private): no noise, divided by the expected batch size."""
+        non-private): no noise, divided by the expected batch size ``divisor``."""
         self.inner.zero_grad()
         loss = math.nan
         if len(y):
             total = nn.functional.cross_entropy(model_input(self.model), y, reduction="sum")
-            (total / self.config.batch_size).backward()
+            (total / divisor).backward()
             loss = float(total.detach()) / len(y)
         self._inner_step(len(y))
         return loss
@@ -158,7 +159,8 @@ class Run:
     def _public_step(self, public: Batch) -> float:
         """Warm-up on public views of the public batch only: no privacy cost."""
         x, m, y = public
-        return self._plain_step(x, y, self.view.public(x, m))
+        divisor = self.config.public_batch_size or self.config.batch_size
+        return self._plain_step(x, y, self.view.public(x, m), divisor)
 
     def _inner_step(self, count: int) -> None:
         """The inner optimizer's step on a non-empty (global) batch; ranks sum gradients."""
@@ -170,7 +172,7 @@ class Run:
         """One step; the loss returned is the public-view loss (nothing un-noised)."""
         if self.optimizer is None:  # non-private: full clips, no noise
             x, _, y = private
-            return self._plain_step(x, y, lambda model: model(x))
+            return self._plain_step(x, y, lambda model: model(x), self.config.batch_size)
         loss = self.optimizer.backward(*private, public=public)
         self.optimizer.step()
         return float(loss)

@@ -355,3 +355,11 @@ def test_r3d_18_is_built_private_trainable() -> None:
     assert model(torch.rand(2, 3, 4, 16, 16)).shape == (2, 4)
     with pytest.raises(InvalidInputError, match="3-channel"):
         build_model(build_config(model="r3d_18"), 4, (1, 4, 16, 16))
+
+
+def test_public_batch_size_sets_the_public_rate_and_divisor(tmp_path: Path) -> None:
+    run = Run(build_config(**TINY, public_batch_size=16), tmp_path / "run")
+    assert run.optimizer.expected_public_batch_size == 16 and run.optimizer.expected_batch_size == 8
+    assert run.loader.public_sample_rate == 16 / 32 and run.loader.sample_rate == 8 / 32
+    with pytest.raises(InvalidInputError, match="public_batch_size 64 exceeds train_size 32"):
+        build_config(**TINY, public_batch_size=64)
