@@ -87,7 +87,8 @@ class VideoViT(nn.Module):
       ``pos_init_std`` the initial positional embedding, so that content and position both
       start with a usable magnitude.
 
-    Measured on the synthetic motion task (benchmarks/RESULTS.md, "Utility and privacy"):
+    Measured on the synthetic motion task (the 0.2 benchmark: ``git show
+    cdccf9b:benchmarks/RESULTS.md``, "Utility and privacy"):
     with torch-default initialisation and uncentred inputs the model sits at chance for
     15-20 epochs; centring with ``pos_init_std=0.5`` and ``embed_init_gain=3`` leaves the
     plateau in 2-3 epochs.

@@ -76,8 +76,9 @@ class TrainConfig(BaseModel):
         json_schema_extra=_DATA,
     )
     temporal_centering: bool = Field(
-        False,
-        description="vit: subtract each pixel's mean over frames (static cameras).",
+        True,
+        description="vit: subtract each pixel's mean over the clip's frames (what changes "
+        "over time reaches the model, static content does not).",
         json_schema_extra=_DATA,
     )
     engine: str = Field(
@@ -117,7 +118,7 @@ class TrainConfig(BaseModel):
         None,
         ge=1,
         description="Expected size of the public batch (its own Poisson rate; free in "
-        "privacy); default: --batch-size.",
+        "privacy); default: 4 x --batch-size, at most the training set.",
         json_schema_extra=_OPTIMISATION,
     )
     lr: float = Field(

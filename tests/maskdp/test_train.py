@@ -363,3 +363,10 @@ def test_public_batch_size_sets_the_public_rate_and_divisor(tmp_path: Path) -> N
     assert run.loader.public_sample_rate == 16 / 32 and run.loader.sample_rate == 8 / 32
     with pytest.raises(InvalidInputError, match="public_batch_size 64 exceeds train_size 32"):
         build_config(**TINY, public_batch_size=64)
+
+
+def test_the_default_public_batch_is_four_private_ones_at_most_the_dataset(tmp_path: Path) -> None:
+    run = Run(build_config(**{**TINY, "batch_size": 4}), tmp_path / "a")
+    assert run.optimizer.expected_public_batch_size == 16 and run.loader.public_sample_rate == 0.5
+    run = Run(build_config(**TINY), tmp_path / "b")  # 4 x 8 = 32 = the dataset
+    assert run.optimizer.expected_public_batch_size == 32 and run.loader.public_sample_rate == 1.0
