@@ -31,7 +31,7 @@ from torch import Tensor
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.masks import check_pixel_mask
 from maskdp.mechanism.texture_view import TextureFillView
-from maskdp.mechanism.views import FillView, ModelInput, _PixelView
+from maskdp.mechanism.views import FillView, ModelInput, PixelView
 
 __all__ = ["CoverageView"]
 
@@ -42,8 +42,8 @@ class CoverageView:
 
     def __init__(
         self,
-        large: _PixelView | None = None,
-        small: _PixelView | None = None,
+        large: PixelView | None = None,
+        small: PixelView | None = None,
         *,
         threshold: float = 0.5,
         seed: int = 0,
@@ -51,7 +51,7 @@ class CoverageView:
         self.large = large if large is not None else TextureFillView(seed=seed)
         self.small = small if small is not None else FillView(0.5)
         for name, view in (("large", self.large), ("small", self.small)):
-            if not isinstance(view, _PixelView):
+            if not isinstance(view, PixelView):
                 raise InvalidInputError(
                     f"CoverageView {name} must be a pixel view (FillView, RandomFillView, "
                     f"TextureFillView, InpaintView, CallableView), got {type(view).__name__}"

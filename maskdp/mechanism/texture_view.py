@@ -38,7 +38,7 @@ from torch import Tensor
 from maskdp.checks import check_finite
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import in_private_scope
-from maskdp.mechanism.views import _PixelView
+from maskdp.mechanism.views import PixelView
 
 __all__ = ["TextureFillView"]
 
@@ -47,7 +47,7 @@ _TINT = 0.1
 _CONTRAST = (0.05, 0.3)
 
 
-class TextureFillView(_PixelView):
+class TextureFillView(PixelView):
     """Replace sensitive pixels by a moving pink-noise texture per clip (module docstring).
 
     Args:

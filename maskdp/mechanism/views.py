@@ -15,6 +15,7 @@ exactly zero.
 
 Views:
 
+- :class:`PixelView`: the base of the views below but ``DropView``.
 - :class:`FillView`: sensitive pixels replaced by a constant fixed before training (a number
   or one per channel; never a statistic of the data). Works with every model.
 - :class:`RandomFillView`: sensitive pixels replaced by noise drawn from the view's own
@@ -101,8 +102,9 @@ def with_absent(full: ModelInput, public: ModelInput, present: Tensor | None) ->
     return ModelInput(inputs, kwargs)
 
 
-class _PixelView:
-    """Shared logic of views that replace sensitive pixels and keep every token."""
+class PixelView:
+    """Base of the views that replace sensitive pixels and keep every token: a subclass
+    defines ``replacement(inputs)``, the values put where the mask is ``True``."""
 
     def replacement(self, inputs: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -117,7 +119,7 @@ class _PixelView:
         return ModelInput(inputs)
 
 
-class FillView(_PixelView):
+class FillView(PixelView):
     """Replace sensitive pixels by a constant fixed before training.
 
     ``value`` is one number or one number per channel. Being a constant, the public view is
@@ -151,7 +153,7 @@ class FillView(_PixelView):
         return f"FillView({value!r})"
 
 
-class RandomFillView(_PixelView):
+class RandomFillView(PixelView):
     """Replace sensitive pixels by uniform noise in ``[low, high)`` from the view's own generator.
 
     The noise is drawn from a generator seeded at construction and never from the data, so
@@ -185,7 +187,7 @@ class RandomFillView(_PixelView):
         return f"RandomFillView(low={self.low}, high={self.high}, seed={self.seed})"
 
 
-class InpaintView(_PixelView):
+class InpaintView(PixelView):
     r"""Fill sensitive pixels from the clip's own public pixels (and the mask) only.
 
     ``method="mean"``: every sensitive pixel of frame :math:`t` and channel :math:`c` gets
@@ -312,7 +314,7 @@ class DropView:
         return f"DropView(tubelet_size={self.tubelet_size!r}, fill={self._fill.value[0]})"
 
 
-class CallableView(_PixelView):
+class CallableView(PixelView):
     """Wrap a user function ``fn(inputs, mask) -> public inputs`` (same shape as inputs).
 
     The function never sees sensitive content: it is called on the clip with its sensitive

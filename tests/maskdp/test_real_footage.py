@@ -112,3 +112,20 @@ def test_real_clips_give_valid_items(task):
         region = clip[:, ~mask] if task == "person" else clip[:, mask]
         assert region.std() > 0.02  # real footage, not a flat fill
         assert 0 <= int(label) < data.num_classes
+
+
+@pytest.mark.parametrize(
+    ("scenario", "task", "classes"),
+    [("footage", "avatar-action", 4), ("footage-context", "avatar-context", 4),
+     ("footage-person", "person", 4)],
+)  # fmt: skip
+def test_maskdp_train_scenarios_name_the_tasks(monkeypatch, scenario, task, classes):
+    from maskdp.trainer.build import build_datasets
+    from maskdp.trainer.config import build_config
+
+    constant_scenes(monkeypatch)
+    sizes = {"train_size": 8, "test_size": 4, "batch_size": 4, "frames": 4, "image_size": 16}
+    config = build_config(scenario=scenario, **sizes)
+    train, test, num_classes = build_datasets(config)
+    assert (train.task, test.task, num_classes) == (task, task, classes)
+    assert train.train and not test.train and (len(train), len(test)) == (8, 4)
