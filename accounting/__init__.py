@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_ORDERS": "maskdp.accounting.rdp",
     "rdp_poisson_gaussian": "maskdp.accounting.rdp",
     "rdp_of_events": "maskdp.accounting.rdp",
+    "rdp_substitute": "maskdp.accounting.rdp_substitute",
     "EpsilonResult": "maskdp.accounting.conversions",
     "rdp_to_epsilon": "maskdp.accounting.conversions",
     "rdp_to_delta": "maskdp.accounting.conversions",

@@ -229,7 +229,13 @@ def _risk_bound(accountant: Accountant, params: RiskParams) -> RiskBound:
     event = PoissonGaussianEvent(
         sample_rate=params.q, noise_multiplier=params.noise_multiplier, steps=params.num_steps
     )
-    risk = attack_risk([event], fpr=params.fpr, delta=params.delta, accountant=accountant)
+    risk = attack_risk(
+        [event],
+        fpr=params.fpr,
+        delta=params.delta,
+        accountant=accountant,
+        relation=params.relation,
+    )
     return RiskBound(
         accountant=accountant,
         tpr_upper=_finite(risk.tpr_upper, "the TPR bound"),
@@ -327,6 +333,7 @@ def compute_risk(
     epochs: float | None = None,
     delta: float | None = None,
     accountant: str = "rdp",
+    relation: str = "erase",
 ) -> RiskReport:
     """Upper bound on a membership attacker's TPR at ``fpr`` (``maskdp risk``).
 

@@ -36,10 +36,10 @@ from maskdp.accounting.choices import ACCOUNTANTS, CONVERSIONS, Accountant, Conv
 from maskdp.accounting.conversions import _minimise
 from maskdp.accounting.errors import CalibrationError
 from maskdp.accounting.events import PoissonGaussianEvent
-from maskdp.accounting.ledger import _rdp_substitute, account
+from maskdp.accounting.ledger import account
 from maskdp.accounting.prv import PRVCurve, PRVResult, default_eps_error
-from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
-from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+from maskdp.accounting.relations import Relation, parse_relation
 from maskdp.accounting.search import largest_feasible, safe_root
 
 __all__ = ["PRV_EPS_ERROR", "SIGMA_MAX", "SIGMA_MIN", "STEPS_MAX", "calibrate_noise", "max_steps"]
@@ -89,10 +89,13 @@ def _gap(value: float, goal: float) -> float:
     return value - goal
 
 
+def _rdp_step(q: float, sigma: float, relation: Relation) -> np.ndarray:
+    """RDP of one step on DEFAULT_ORDERS under ``relation``."""
+    return rdp_of_events([PoissonGaussianEvent(q, sigma)], DEFAULT_ORDERS, relation=relation)
+
+
 def _rdp_epsilon(rdp: np.ndarray, goal: _Goal) -> float:
     """RDP guarantee of a whole RDP curve on DEFAULT_ORDERS (edge warnings silenced)."""
-    if goal.relation is Relation.SUBSTITUTE:
-        return _rdp_substitute(rdp, goal.delta, goal.conversion)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return _minimise(DEFAULT_ORDERS, rdp, goal.delta, goal.conversion).epsilon
@@ -185,7 +188,7 @@ def _log_sigma_rdp(q: float, n: int, goal: _Goal, search: _Search) -> float:
     """log sigma meeting the goal under RDP, searched in log sigma from sigma = 1."""
 
     def g(x: float) -> float:
-        rdp = n * rdp_poisson_gaussian(q, math.exp(x), DEFAULT_ORDERS)
+        rdp = n * _rdp_step(q, math.exp(x), goal.relation)
         return _gap(_rdp_epsilon(rdp, goal), goal.epsilon)
 
     return search(g, 0.0, stride=math.log(2.0))
@@ -255,7 +258,7 @@ def _steps_rdp(
     q: float, sigma: float, goal: _Goal, search: _Search, at_limit: Callable[[bool], Exception]
 ) -> int:
     """The largest step count meeting the goal under RDP (RDP is linear in the steps)."""
-    per_step = rdp_poisson_gaussian(q, sigma, DEFAULT_ORDERS)
+    per_step = _rdp_step(q, sigma, goal.relation)
 
     def g(n: float) -> float:
         return _gap(_rdp_epsilon(n * per_step, goal), goal.epsilon)
@@ -284,7 +287,9 @@ def _steps_prv(
     n_c = int(
         search(lambda n: _gap(coarse(int(n)), aim), float(start), stride=max(1.0, start / 4.0))
     )
-    precision = default_eps_error([PoissonGaussianEvent(q, sigma, max(1, n_c))], goal.delta)
+    precision = default_eps_error(
+        [PoissonGaussianEvent(q, sigma, max(1, n_c))], goal.delta, goal.relation
+    )
     fine = _StepsCurve(q, sigma, goal, precision, estimate=False, capacity=int(n_c * 1.02) + 2)
     n = int(
         search(lambda n: _gap(fine(int(n)), goal.epsilon), float(n_c), stride=max(1.0, n_c / 500.0))
@@ -330,23 +335,15 @@ class _StepsCurve:
     def _grid(self, n: int) -> PRVCurve:
         if self._curve is None or self._curve.max_steps[0] < n:
             size = max(n, self.capacity, 2 * (self._curve.max_steps[0] if self._curve else 0))
-            delta_error = self.delta / 1000.0
-            if self.relation is Relation.SUBSTITUTE:
-                # The search visits erase deltas near the RDP one (RDP overestimates epsilon).
-                rdp = size * rdp_poisson_gaussian(self.q, self.sigma, DEFAULT_ORDERS)
-                d_rdp = _rdp_substitute(rdp, self.delta, self.conversion)[1]
-                delta_error = (d_rdp if d_rdp > 0 else self.delta * 1e-9) / 1000.0
             self._curve = PRVCurve(
-                [(self.q, self.sigma)], [size], eps_error=self.eps_error, delta_error=delta_error
+                [(self.q, self.sigma)],
+                [size],
+                eps_error=self.eps_error,
+                delta_error=self.delta / 1000.0,
+                relation=self.relation,
             )
         return self._curve
 
     def __call__(self, n: int) -> float:
         curve = self._grid(n)
-        if self.relation is Relation.ERASE:
-            return curve.epsilon(self.delta, [n])[self.pick]
-
-        def erase_eps(d: float) -> float:
-            return curve.epsilon(d, [n])[self.pick] if d > curve.delta_error else math.inf
-
-        return substitute_epsilon(erase_eps, self.delta)[0]
+        return curve.epsilon(self.delta, [n])[self.pick]

@@ -163,7 +163,7 @@ RelationOpt = Annotated[
     typer.Option(
         "--relation",
         metavar="|".join(RELATIONS),
-        help="Masked adjacency: sensitive content erased, or substituted (group of 2).",
+        help="Masked adjacency: sensitive content erased, or substituted (replace-one).",
         show_default="erase",
         rich_help_panel=_PRIVACY,
     ),
@@ -248,6 +248,7 @@ def risk(
     fpr: Fpr = None,
     delta: RiskDelta = None,
     accountant: AccountantOpt = None,
+    relation: RelationOpt = None,
     as_json: Json = False,
 ) -> None:
     """Upper bound on a membership attacker's true-positive rate at a false-positive rate.

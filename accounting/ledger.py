@@ -13,8 +13,6 @@ relation into a result; the ledger, the calibration and the risk modules all go 
 from __future__ import annotations
 
 import json
-import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,7 +22,7 @@ from maskdp.accounting.conversions import EpsilonResult, _minimise
 from maskdp.accounting.errors import AccountingError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.prv import PRVResult, curve_for, default_eps_error
-from maskdp.accounting.relations import Relation, parse_relation, substitute_epsilon
+from maskdp.accounting.relations import Relation, parse_relation
 
 __all__ = ["ACCOUNTANTS", "FORMAT", "FORMAT_VERSION", "PrivacyLedger", "account", "guarantee"]
 
@@ -33,18 +31,6 @@ FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------ accounting
-
-
-def _rdp_substitute(rdp: Any, delta: float, conversion: str) -> tuple[float, float]:
-    """Group-privacy substitute epsilon and the erase delta it used, from an RDP curve."""
-    from maskdp.accounting.rdp import DEFAULT_ORDERS
-
-    def erase_eps(d: float) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return _minimise(DEFAULT_ORDERS, rdp, d, conversion).epsilon
-
-    return substitute_epsilon(erase_eps, delta)
 
 
 def _rdp(
@@ -56,14 +42,8 @@ def _rdp(
 ) -> EpsilonResult:
     from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
-    rdp = rdp_of_events(events, DEFAULT_ORDERS)
-    if relation is Relation.ERASE:
-        return _minimise(DEFAULT_ORDERS, rdp, delta, conversion)
-    eps, d = _rdp_substitute(rdp, delta, conversion)
-    if d == 0.0:  # no finite bound (see substitute_epsilon)
-        return EpsilonResult(math.inf, delta, float(DEFAULT_ORDERS[0]), False, conversion)
-    at_d = _minimise(DEFAULT_ORDERS, rdp, d, conversion)  # warns once if at the grid edge
-    return EpsilonResult(eps, delta, at_d.order, at_d.at_grid_edge, conversion)
+    rdp = rdp_of_events(events, DEFAULT_ORDERS, relation=relation)
+    return _minimise(DEFAULT_ORDERS, rdp, delta, conversion)
 
 
 def _prv(
@@ -73,31 +53,11 @@ def _prv(
     relation: Relation,
     eps_error: float,
 ) -> PRVResult:
-    if relation is Relation.ERASE:
-        curve = curve_for(events, eps_error=eps_error, delta_error=delta / 1000.0)
-        if curve is None:  # no events
-            return PRVResult(0.0, 0.0, 0.0, delta)
-        lower, estimate, upper = curve.epsilon(delta)
-        return PRVResult(lower, estimate, upper, delta)
-    # Size delta_error from the RDP answer: RDP overestimates epsilon, so its erase delta d is
-    # at most the PRV one, and d / 1000 stays below the deltas the search visits near it.
-    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
-
-    _, d_rdp = _rdp_substitute(rdp_of_events(events, DEFAULT_ORDERS), delta, conversion)
-    if d_rdp == 0.0:  # erase epsilon in the hundreds: PRV cannot resolve such deltas either
-        return PRVResult(math.inf, math.inf, math.inf, delta)
-    curve = curve_for(events, eps_error=eps_error, delta_error=d_rdp / 1000.0)
-    if curve is None:
+    curve = curve_for(events, eps_error=eps_error, delta_error=delta / 1000.0, relation=relation)
+    if curve is None:  # no events
         return PRVResult(0.0, 0.0, 0.0, delta)
-
-    def erase_eps(d: float) -> float:
-        return curve.epsilon(d)[2] if d > curve.delta_error else math.inf
-
-    eps, d = substitute_epsilon(erase_eps, delta)
-    if d == 0.0:
-        return PRVResult(math.inf, math.inf, math.inf, delta)
-    lower, estimate, _ = curve.epsilon(d)
-    return PRVResult(2.0 * lower, 2.0 * estimate, eps, delta)
+    lower, estimate, upper = curve.epsilon(delta)
+    return PRVResult(lower, estimate, upper, delta)
 
 
 _ACCOUNTANTS: dict[Accountant, Callable[..., EpsilonResult | PRVResult]] = {
@@ -122,9 +82,9 @@ def account(
     * ``accountant="prv"``: :class:`PRVResult` (lower, estimate, upper; the upper is the
       guarantee), ``eps_error`` its epsilon error (default:
       :func:`maskdp.accounting.prv.default_eps_error`); ``conversion`` is ignored.
-    * ``relation="substitute"``: group privacy of size 2 from erase (see
-      :mod:`maskdp.accounting.relations`); for PRV the lower and estimate fields then bracket the
-      group-privacy expression :math:`2\varepsilon(d)`, not the true substitute epsilon.
+    * ``relation="substitute"``: the replace-one (antipodal) pair of
+      :mod:`maskdp.accounting.loss_pairs`, in both accountants (RDP: its Renyi divergence by
+      quadrature, looser after conversion; PRV: tight, with lower and upper bounds).
     """
     d = _validate.open_unit("delta", delta)
     name = _validate.choice("accountant", accountant, ACCOUNTANTS)
@@ -132,7 +92,7 @@ def account(
     rel = parse_relation(relation)
     events = tuple(events)
     if eps_error is None:
-        eps_error = default_eps_error(events, d) if name == "prv" else 0.01
+        eps_error = default_eps_error(events, d, rel) if name == "prv" else 0.01
     ee = _validate.positive("eps_error", eps_error)
     return _ACCOUNTANTS[name](events, d, conv, rel, ee)
 

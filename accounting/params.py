@@ -187,6 +187,7 @@ class RiskParams(_Sampling, _Choice):
     noise_multiplier: PositiveFloat
     fpr: Probability
     delta: Probability | None = None
+    relation: RelationName = "erase"
 
 
 P = TypeVar("P", bound=_Params)

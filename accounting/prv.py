@@ -1,22 +1,26 @@
-r"""Tight numerical accounting through prv-accountant (imported lazily; it loads scipy).
+r"""Tight numerical accounting: the privacy loss random variable (PRV), composed by FFT.
 
-Gopi, Lee, Wutschitz 2021, "Numerical Composition of Differential Privacy" (NeurIPS):
-the privacy loss random variable (PRV) of each Poisson-subsampled Gaussian step is
-discretised on a mesh, the composition is an FFT convolution, and Thm. 5.5 bounds the
-discretisation error by ``eps_error`` in epsilon and ``delta_error`` in delta. So every result
-is a triple: a *lower bound*, an *estimate* and an *upper bound*; the upper bound is the
-guarantee we report. Negative values (possible for tiny privacy loss) are clamped at 0.
+Gopi, Lee, Wutschitz 2021, "Numerical Composition of Differential Privacy" (NeurIPS), the
+algorithm of prv-accountant written for our two dominating pairs (erase and substitute,
+:mod:`maskdp.accounting.loss_pairs`) in float64 numpy:
 
-Pitfalls of prv-accountant 0.2 handled here (see its ``accountant.py``, ``domain.py``,
-``discrete_privacy_random_variable.py``):
+1. the PRV of one step is truncated to :math:`[-L, L]` (:math:`L` from an RDP bound, their
+   Remark 5.6) and discretised on a mesh :math:`h = \varepsilon_e / \sqrt{(N/2)
+   \log(12/\delta_e)}` (Thm. 5.5), cell-centred, then shifted so that its mean equals the
+   truncated continuous mean;
+2. the composition of :math:`N` steps is the inverse FFT of the product of the steps'
+   spectra (a circular convolution: :math:`L` is wide enough that the wrap-around is
+   covered by the error budget);
+3. :math:`\delta(\varepsilon) = \sum_{t \ge \varepsilon} p_t (1 - e^{\varepsilon - t})`
+   is read from two reverse cumulative sums, and Thm. 5.5 turns the discrete answer into a
+   *lower bound*, an *estimate* and an *upper bound* on the true epsilon (within
+   :math:`2\varepsilon_e` of each other); the upper bound is the guarantee.
 
-* the mesh shrinks like ``eps_error / sqrt(total steps)``, so a long run with a large
-  epsilon needs a huge grid (100k steps at epsilon 25: 5.7 million nodes, about a minute and
-  several GB); we compute the grid size first and refuse beyond ``MAX_GRID`` nodes with a
-  message that says what to change;
-* it raises ``ValueError``/``RuntimeError`` when floating point dominates a tiny delta or
-  the discretised mean drifts; we turn those into :class:`AccountingError`;
-* identical (q, sigma) segments are merged into one self-composition, the fast path.
+The mesh is chosen from the error to meet: :func:`default_eps_error` asks for 0.4% of the
+answer, so a long run with a large epsilon gets a coarser absolute mesh and stays affordable
+(10^7 steps in seconds). Grids above ``MAX_NODES`` (about 2 GB of work arrays) are refused
+with a message that says what to change. Negative values (possible for tiny privacy loss)
+are clamped at 0.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from maskdp.accounting import _validate
 from maskdp.accounting.errors import AccountingError, InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
+from maskdp.accounting.loss_pairs import LossPair
+from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size
+from maskdp.accounting.relations import Relation, parse_relation
 
-MAX_GRID = 3_000_000
-"""Most PRV discretisation nodes we build, over all distinct (q, sigma): about 2 GB of
-memory and 10-20 s."""
+MAX_NODES = 1 << 25
+"""Most discretisation nodes of one PRV grid: about 33 million, 2 GB of float64 work arrays
+at the peak of a query, and a few seconds per FFT."""
 
 
 @dataclass(frozen=True)
@@ -79,160 +87,167 @@ class PRVCurve:
         *,
         eps_error: float,
         delta_error: float,
+        relation: Relation = Relation.ERASE,
     ) -> None:
-        from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+        from scipy.fft import rfft
 
         self.eps_error = eps_error
         self.delta_error = delta_error
         self.max_steps = tuple(int(n) for n in max_steps)
-        prvs = [
-            PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=s)
-            for q, s in mechanisms
-        ]
+        self.relation = relation
+        pairs = [LossPair(q, s, relation) for q, s in mechanisms]
         total = sum(self.max_steps)
         half_width = _safe_half_width(
-            mechanisms, self.max_steps, eps_error=eps_error, delta_error=delta_error
+            pairs, self.max_steps, eps_error=eps_error, delta_error=delta_error
         )
         mesh = eps_error / math.sqrt(total / 2.0 * math.log(12.0 / delta_error))
-        nodes = 2.0 * half_width / mesh
-        if nodes * len(prvs) > MAX_GRID:
+        k = math.ceil(half_width / mesh)
+        # Nodes -k .. size - 1 - k, aligned with 0; at least 2k + 2 of them, more if that
+        # makes the FFT faster (the extra nodes lie beyond L and hold no mass).
+        size = fft_size(2 * k + 2)
+        if size > MAX_NODES:
             raise AccountingError(
-                f"the PRV accountant would need {len(prvs)} grid(s) of {nodes:.3g} nodes "
-                f"(limit {MAX_GRID:g} in all) for {total} steps at eps_error={eps_error:g}; "
-                "pass a larger eps_error (the grid shrinks linearly with it), merge segments, "
-                "or use the rdp accountant"
+                f"the PRV accountant would need a grid of {size:.3g} nodes (limit {MAX_NODES:.3g}) "
+                f"for {total} steps at eps_error={eps_error:g}; pass a larger eps_error (the grid "
+                "shrinks linearly with it) or use the rdp accountant"
             )
-        with _translated("building the PRV grid"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # eps_max notice and overflow inside the pdf
-            self._accountant = PRVAccountant(
-                prvs=prvs,
-                max_self_compositions=list(self.max_steps),
-                eps_error=eps_error,
-                delta_error=delta_error,
-                eps_max=half_width,
-            )
-        self._cache: dict[tuple[int, ...], Any] = {}
+        self.mesh, self.size, self._k = mesh, size, k
+        self._spectra = []
+        self._shifts = []
+        for pair in pairs:
+            pmf, shift = discretise(pair, -k * mesh, mesh, size)
+            self._spectra.append(rfft(pmf))
+            self._shifts.append(shift)
+        self._cache: tuple[tuple[int, ...], DiscretePRV] | None = None
 
-    def _composed(self, steps: Sequence[int]) -> Any:
-        key = tuple(int(n) for n in steps)
-        if key not in self._cache:
-            with _translated("composing the PRVs"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._cache = {key: self._accountant.compute_composition(list(key))}
-        return self._cache[key]
+    def _composed(self, steps: Sequence[int] | None) -> DiscretePRV:
+        key = self.max_steps if steps is None else tuple(int(n) for n in steps)
+        if len(key) != len(self.max_steps) or any(
+            n < 0 or n > m for n, m in zip(key, self.max_steps, strict=True)
+        ):
+            raise AccountingError(f"steps {key} exceed the grid's maximum {self.max_steps}")
+        if self._cache is None or self._cache[0] != key:
+            from scipy.fft import irfft
+
+            spectrum = np.ones_like(self._spectra[0])
+            for f, n in zip(self._spectra, key, strict=True):
+                if n:
+                    spectrum *= f**n
+            pmf = irfft(spectrum, self.size)
+            total = sum(key)
+            # Index i of the circular result holds the sum t_min * N + i h; on the base grid
+            # that is index i - (N - 1) k.
+            pmf = np.roll(pmf, (-(total - 1) * self._k) % self.size)
+            shift = sum(n * s for n, s in zip(key, self._shifts, strict=True))
+            ts = (np.arange(self.size) - self._k) * self.mesh + shift
+            self._cache = (key, DiscretePRV(ts, pmf))
+        return self._cache[1]
 
     def epsilon(
         self, delta: float, steps: Sequence[int] | None = None
     ) -> tuple[float, float, float]:
         """(lower, estimate, upper) epsilon at ``delta`` after ``steps`` (default: the maximum)."""
-        f_n = self._composed(self.max_steps if steps is None else steps)
         if delta <= self.delta_error:
             raise AccountingError(
                 f"delta ({delta:g}) must exceed delta_error ({self.delta_error:g})"
             )
-        if delta >= self.delta(0.0, steps)[2]:
-            # delta is at least an upper bound on delta(0): epsilon = 0 holds (prv-accountant
-            # would fail to find a crossing instead).
-            return 0.0, 0.0, 0.0
-        with _translated("computing epsilon"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lower, estimate, upper = f_n.compute_epsilon(delta, self.delta_error, self.eps_error)
-        return max(0.0, float(lower)), max(0.0, float(estimate)), max(0.0, float(upper))
+        f_n = self._composed(steps)
+        if np.finfo(float).eps * self.size > delta - self.delta_error:
+            raise AccountingError(
+                f"delta={delta:g} is too small for a grid of {self.size} nodes: floating point "
+                "would dominate (raise delta or eps_error, or use the rdp accountant)"
+            )
+        if delta >= f_n.delta(-self.eps_error) + self.delta_error:
+            return 0.0, 0.0, 0.0  # delta at least an upper bound on delta(0): epsilon 0 holds
+        upper = f_n.epsilon(delta - self.delta_error) + self.eps_error
+        lower = f_n.epsilon(delta + self.delta_error) - self.eps_error
+        estimate = f_n.epsilon(delta)
+        return max(0.0, lower), max(0.0, estimate), max(0.0, upper)
 
     def delta(
         self, epsilon: float, steps: Sequence[int] | None = None
     ) -> tuple[float, float, float]:
         """(lower, estimate, upper) delta at ``epsilon`` (each clamped to [0, 1])."""
-        f_n = self._composed(self.max_steps if steps is None else steps)
-        with _translated("computing delta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lower = f_n.compute_delta_estimate(epsilon + self.eps_error) - self.delta_error
-            estimate = f_n.compute_delta_estimate(epsilon)
-            upper = f_n.compute_delta_estimate(epsilon - self.eps_error) + self.delta_error
+        f_n = self._composed(steps)
+        lower = f_n.delta(epsilon + self.eps_error) - self.delta_error
+        estimate = f_n.delta(epsilon)
+        upper = f_n.delta(epsilon - self.eps_error) + self.delta_error
         return tuple(min(1.0, max(0.0, float(x))) for x in (lower, estimate, upper))  # type: ignore[return-value]
 
     def upper_deltas(self, epsilons: Any, steps: Sequence[int] | None = None) -> Any:
-        r"""Upper bounds on delta at many epsilons at once (each clamped to [0, 1]).
-
-        Same value as :meth:`delta`'s upper, :math:`\hat\delta(\varepsilon - \varepsilon_e)
-        + \delta_e` with :math:`\hat\delta(e) = \sum_{t \ge e} p_t (1 - e^{e - t})`, from
-        two tail sums of the composed PMF instead of one pass per epsilon.
-        """
-        import numpy as np
-
-        f_n = self._composed(self.max_steps if steps is None else steps)
-        t = f_n.domain.ts()
-        p = np.asarray(f_n.pmf, dtype=t.dtype)
-        tail = np.append(np.cumsum(p[::-1])[::-1], 0.0)
-        tail_exp = np.append(np.cumsum((p * np.exp(-t))[::-1])[::-1], 0.0)
+        r"""Upper bounds on delta at many epsilons at once (each clamped to [0, 1]): the same
+        value as :meth:`delta`'s upper, :math:`\hat\delta(\varepsilon - \varepsilon_e) +
+        \delta_e`."""
+        f_n = self._composed(steps)
         e = np.asarray(epsilons, dtype=float) - self.eps_error
-        k = np.searchsorted(t, e, side="left")
-        with np.errstate(over="ignore", invalid="ignore"):
-            estimate = tail[k] - np.exp(e.astype(t.dtype)) * tail_exp[k]
-        delta_inf = 1.0 - np.exp(f_n.log_pmc_inf)
-        estimate = estimate * (1.0 - delta_inf) + delta_inf
-        return np.clip(np.nan_to_num(estimate.astype(float), nan=1.0) + self.delta_error, 0.0, 1.0)
+        return np.clip(f_n.delta(e) + self.delta_error, 0.0, 1.0)
+
+
+_SAFE_ORDERS = np.unique(
+    np.concatenate(
+        [
+            [1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75],
+            np.arange(2.0, 17.0),
+            np.round(np.geomspace(18, 4096, 25)),
+        ]
+    )
+)
+"""Orders that size the PRV grid: few fractional ones (their quadrature is the costly part)."""
 
 
 def _safe_half_width(
-    mechanisms: Sequence[tuple[float, float]],
+    pairs: Sequence[LossPair],
     steps: Sequence[int],
     *,
     eps_error: float,
     delta_error: float,
 ) -> float:
     r"""Half-width L of the PRV grid: Gopi et al. 2021, Remark 5.6, as in prv-accountant's
-    ``compute_safe_domain_size``, with our RDP on DEFAULT_ORDERS in place of its slower one.
+    ``compute_safe_domain_size``, with our RDP of the pair (on a coarse order grid: any valid
+    RDP bound serves, a looser one only widens the grid).
 
     :math:`L = \max(\varepsilon_{RDP}(\text{all}; \delta_e/4),
     \max_i \varepsilon_{RDP}(\text{one step of } i; \delta_e/(8N)), \varepsilon_e) + 3`,
-    with the hypothesis-test conversion. Any valid RDP bound serves; ours is never looser.
+    with the hypothesis-test conversion.
     """
-    import numpy as np
     from maskdp.accounting.conversions import _epsilons
-    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_poisson_gaussian
 
     total = sum(steps)
-    per_step = [rdp_poisson_gaussian(q, s, DEFAULT_ORDERS) for q, s in mechanisms]
+    per_step = [rdp_of_pair(p, _SAFE_ORDERS) for p in pairs]
     composed = sum(n * r for n, r in zip(steps, per_step, strict=True))
-    half = float(
-        np.min(_epsilons(DEFAULT_ORDERS, composed, math.log(delta_error / 4.0), "hypothesis-test"))
-    )
-    for r in per_step:
-        one = float(
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        half = float(
             np.min(
-                _epsilons(DEFAULT_ORDERS, r, math.log(delta_error / 8.0 / total), "hypothesis-test")
+                _epsilons(_SAFE_ORDERS, composed, math.log(delta_error / 4.0), "hypothesis-test")
             )
         )
-        half = max(half, one)
+        for r in per_step:
+            one = _epsilons(_SAFE_ORDERS, r, math.log(delta_error / 8.0 / total), "hypothesis-test")
+            half = max(half, float(np.min(one)))
+    if not math.isfinite(half):
+        raise AccountingError("no finite RDP bound sizes the PRV grid (noise far too small)")
     return max(half, eps_error) + 3.0
 
 
-class _translated:
-    """Context manager turning prv-accountant failures into one-line AccountingErrors."""
+def rdp_of_pair(pair: LossPair, orders: np.ndarray) -> np.ndarray:
+    """RDP of one step of ``pair`` at ``orders`` (erase: exact; substitute: the antipodal
+    pair's quadrature)."""
+    if pair.relation is Relation.ERASE:
+        from maskdp.accounting.rdp import rdp_poisson_gaussian
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+        return rdp_poisson_gaussian(pair.q, pair.sigma, orders)
+    from maskdp.accounting.rdp_substitute import rdp_substitute
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, AccountingError):
-            return False
-        if isinstance(
-            exc, (ValueError, RuntimeError, FloatingPointError, ZeroDivisionError, MemoryError)
-        ):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AccountingError(
-                f"prv-accountant failed while {self.what}: {message} "
-                "(try another eps_error, or the rdp accountant)"
-            ) from exc
-        return False
+    return rdp_substitute(pair.q, pair.sigma, orders)
 
 
 def curve_for(
-    events: Sequence[PoissonGaussianEvent], *, eps_error: float, delta_error: float
+    events: Sequence[PoissonGaussianEvent],
+    *,
+    eps_error: float,
+    delta_error: float,
+    relation: Relation = Relation.ERASE,
 ) -> PRVCurve | None:
     """The PRV curve of ``events`` (None when there are no events); events with equal
     (q, sigma) become one self-composition (:func:`~maskdp.accounting.events.merge_events`)."""
@@ -244,24 +259,50 @@ def curve_for(
         [e.steps for e in merged],
         eps_error=eps_error,
         delta_error=delta_error,
+        relation=relation,
     )
 
 
-def default_eps_error(events: Sequence[PoissonGaussianEvent], delta: float) -> float:
-    r"""PRV epsilon error scaled to the answer: 0.4% of the RDP epsilon, in [2e-3, 1e-2].
+MIN_EPS_ERROR = 2e-3
+"""The smallest default epsilon error (below it the grid grows without a visible gain)."""
 
-    prv-accountant's error is absolute, so a fixed 0.01 is 2% of an epsilon of 0.5. The RDP
-    epsilon (an upper bound, cheap) sets the scale, which keeps the upper bound within about
-    1% of the exact value while the grid stays affordable.
+
+def default_eps_error(
+    events: Sequence[PoissonGaussianEvent], delta: float, relation: Relation = Relation.ERASE
+) -> float:
+    r"""PRV epsilon error chosen from the error to meet: 0.4% of the RDP epsilon, at least
+    ``MIN_EPS_ERROR``.
+
+    The PRV error is absolute, so a fixed 0.01 is 2% of an epsilon of 0.5 and a needless
+    0.04% of an epsilon of 25, whose grid it makes 25 times finer. The RDP epsilon (an upper
+    bound, cheap) sets the scale, which keeps the upper bound within about 1% of the exact
+    value while the grid stays affordable at any step count.
     """
-    from maskdp.accounting.conversions import epsilon_from_events
+    from maskdp.accounting.conversions import _minimise
+    from maskdp.accounting.rdp import DEFAULT_ORDERS
 
+    merged = merge_events(events)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        scale = epsilon_from_events(events, delta).epsilon
+        if relation is Relation.ERASE:
+            from maskdp.accounting.rdp import rdp_of_events
+
+            rdp = rdp_of_events(merged, DEFAULT_ORDERS)
+            orders = DEFAULT_ORDERS
+        else:
+            orders = _SAFE_ORDERS
+            rdp = sum(
+                (
+                    e.steps
+                    * rdp_of_pair(LossPair(e.sample_rate, e.noise_multiplier, relation), orders)
+                    for e in merged
+                ),
+                np.zeros(orders.size),
+            )
+        scale = _minimise(orders, rdp, delta, "hypothesis-test").epsilon
     if not math.isfinite(scale):
         return 0.01
-    return min(0.01, max(2e-3, 0.004 * scale))
+    return max(MIN_EPS_ERROR, 0.004 * scale)
 
 
 def prv_epsilon(
@@ -270,20 +311,23 @@ def prv_epsilon(
     *,
     eps_error: float | None = None,
     delta_error: float | None = None,
+    relation: Relation | str = Relation.ERASE,
 ) -> PRVResult:
     r"""Epsilon of the composition at ``delta`` with PRV error bars (Gopi et al. 2021).
 
     ``epsilon_upper`` is an upper bound on the true epsilon (the guarantee), within
     ``2 * eps_error`` of the lower bound. ``eps_error`` defaults to
-    :func:`default_eps_error`, ``delta_error`` to ``delta / 1000``.
+    :func:`default_eps_error`, ``delta_error`` to ``delta / 1000``. ``relation``: ``erase``
+    or ``substitute`` (the antipodal pair, :mod:`maskdp.accounting.loss_pairs`).
     """
     d = _validate.open_unit("delta", delta)
+    rel = parse_relation(relation)
     if eps_error is None:
-        eps_error = default_eps_error(events, d)
+        eps_error = default_eps_error(events, d, rel)
     ee, de = _check_errors(eps_error, delta_error, d / 1000.0)
     if de >= d:
         raise InvalidParameterError(f"delta_error must be < delta ({d:g}), got {de!r}")
-    curve = curve_for(events, eps_error=ee, delta_error=de)
+    curve = curve_for(events, eps_error=ee, delta_error=de, relation=rel)
     if curve is None:
         return PRVResult(0.0, 0.0, 0.0, d)
     lower, estimate, upper = curve.epsilon(d)
@@ -296,6 +340,7 @@ def prv_delta(
     *,
     eps_error: float = 0.01,
     delta_error: float | None = None,
+    relation: Relation | str = Relation.ERASE,
 ) -> tuple[float, float, float]:
     r"""(lower, estimate, upper) delta of the composition at ``epsilon``, each in [0, 1].
 
@@ -303,8 +348,9 @@ def prv_delta(
     ``epsilon - eps_error`` plus ``delta_error`` (default 1e-10).
     """
     eps = _validate.non_negative("epsilon", epsilon)
+    rel = parse_relation(relation)
     ee, de = _check_errors(eps_error, delta_error, 1e-10)
-    curve = curve_for(events, eps_error=ee, delta_error=de)
+    curve = curve_for(events, eps_error=ee, delta_error=de, relation=rel)
     if curve is None:
         return (0.0, 0.0, 0.0)
     return curve.delta(eps)

@@ -54,12 +54,13 @@ dp_accounting sum terms of size 1 and lose it there).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from maskdp.accounting import _validate
 from maskdp.accounting.errors import InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
+from maskdp.accounting.relations import Relation, parse_relation
 from numpy.typing import ArrayLike
 
 MAX_ORDER = 1e6
@@ -75,18 +76,32 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 def _default_orders() -> np.ndarray:
     fine = 1.0 + np.arange(1, 10) / 100.0  # 1.01 .. 1.09
     low = 1.1 + np.arange(0, 38) * 0.05  # 1.10 .. 2.95
-    mid = 3.0 + np.arange(0, 70) * 0.1  # 3.0 .. 9.9
+    mid = 3.0 + np.arange(0, 80) * 0.1  # 3.0 .. 10.9
     high = 10.0 + np.arange(0, 40) * 0.25  # 10 .. 19.75
+    integers = np.arange(11.0, 64.0)  # 11 .. 63
+    powers = 2.0 ** np.arange(7, 11)  # 128 .. 1024
     geometric = np.round(np.geomspace(20.0, 10_000.0, 120))  # integers 20 .. 10_000
-    grid = np.concatenate([fine, low, mid, high, geometric])
+    grid = np.concatenate([fine, low, mid, high, integers, powers, geometric, _LIBRARY_ORDERS])
     return np.unique(np.round(grid, 6))
+
+
+_LIBRARY_ORDERS = np.array(
+    [1 + x / 10.0 for x in range(1, 100)]  # Opacus DEFAULT_ALPHAS, dp_accounting, TF-Privacy
+    + [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5]  # TF-Privacy compute_dp_sgd_privacy
+    + list(range(5, 64))
+    + [128, 256, 512, 1024]
+)
+"""The default order grids of Opacus (``RDPAccountant.DEFAULT_ALPHAS``), dp_accounting
+(``DEFAULT_RDP_ORDERS``) and TF-Privacy (``compute_dp_sgd_privacy_lib``): ours contains
+them all, so our epsilon is never above theirs on their own grids."""
 
 
 DEFAULT_ORDERS: np.ndarray = _default_orders()
 DEFAULT_ORDERS.setflags(write=False)
-"""Renyi orders used by default: 1.01..1.09 by 0.01, 1.1..2.95 by 0.05, 3..9.9 by 0.1,
-10..19.75 by 0.25, then 120 integers geometric from 20 to 10_000 (about 270 orders, sorted).
-Denser and wider than Opacus's ``[1 + x / 10 for x in 1..99] + 12..63``."""
+"""Renyi orders used by default: 1.01..1.09 by 0.01, 1.1..2.95 by 0.05, 3..10.9 by 0.1,
+10..19.75 by 0.25, the integers 11..63, 128..1024, then 120 integers geometric from 20 to
+10_000 (310 orders, sorted). A superset of Opacus's, dp_accounting's and TF-Privacy's
+default grids (``_LIBRARY_ORDERS``)."""
 
 
 # --------------------------------------------------------------------------- integer orders
@@ -202,26 +217,29 @@ def _quadrature_nodes(sigma: float, alpha: float) -> float:
     return math.ceil(min((alpha / sigma + _T_PAD - _T_LO) / _quadrature_step(sigma), 1e300)) + 1
 
 
-def _log_am1_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    r"""``log(A_alpha - 1)`` by the trapezoid rule on :math:`t = z/\sigma` (module docstring).
-
-    Orders are processed in sorted chunks that share the nodes of their largest member
-    (extra nodes only add negligible mass), at most ``_MAX_CELLS`` matrix cells a chunk."""
-    h = _quadrature_step(sigma)
+def _chunks(alphas: np.ndarray, nodes: Callable[[float], float]) -> Iterator[np.ndarray]:
+    """Indices of ``alphas`` in sorted chunks that share the quadrature nodes of their
+    largest member (extra nodes only add negligible mass), at most ``_MAX_CELLS`` matrix
+    cells a chunk; ``nodes(alpha)`` is the node count an order needs."""
     order = np.argsort(alphas)
-    out = np.empty(alphas.size)
     start = 0
     while start < order.size:
         stop = start + 1
         while (
             stop < order.size
-            and (stop + 1 - start) * _quadrature_nodes(sigma, float(alphas[order[stop]]))
-            <= _MAX_CELLS
+            and (stop + 1 - start) * nodes(float(alphas[order[stop]])) <= _MAX_CELLS
         ):
             stop += 1
-        chunk = order[start:stop]
-        out[chunk] = _trapezoid(q, sigma, h, alphas[chunk])
+        yield order[start:stop]
         start = stop
+
+
+def _log_am1_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    r"""``log(A_alpha - 1)`` by the trapezoid rule on :math:`t = z/\sigma` (module docstring)."""
+    h = _quadrature_step(sigma)
+    out = np.empty(alphas.size)
+    for chunk in _chunks(alphas, lambda a: _quadrature_nodes(sigma, a)):
+        out[chunk] = _trapezoid(q, sigma, h, alphas[chunk])
     return out
 
 
@@ -324,16 +342,23 @@ def rdp_poisson_gaussian(
 
 
 def rdp_of_events(
-    events: Sequence[PoissonGaussianEvent], orders: ArrayLike = DEFAULT_ORDERS
+    events: Sequence[PoissonGaussianEvent],
+    orders: ArrayLike = DEFAULT_ORDERS,
+    *,
+    relation: Relation | str = "erase",
 ) -> np.ndarray:
     r"""RDP of the composition of ``events``: :math:`\sum_e \text{steps}_e\, \varepsilon_e(\alpha)`.
 
     RDP composes additively (Mironov 2017, Prop. 1). Events with equal (q, sigma) are
     evaluated once (:func:`~maskdp.accounting.events.merge_events`). An empty sequence gives
-    zeros.
+    zeros. ``relation="substitute"`` uses the antipodal pair
+    (:func:`~maskdp.accounting.rdp_substitute.rdp_substitute`).
     """
     alphas = _check_orders(orders)
+    per_step = rdp_poisson_gaussian
+    if parse_relation(relation) is Relation.SUBSTITUTE:
+        from maskdp.accounting.rdp_substitute import rdp_substitute as per_step
     rdp = np.zeros(alphas.size)
     for event in merge_events(events):
-        rdp += event.steps * rdp_poisson_gaussian(event.sample_rate, event.noise_multiplier, alphas)
+        rdp += event.steps * per_step(event.sample_rate, event.noise_multiplier, alphas)
     return rdp

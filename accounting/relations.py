@@ -6,7 +6,13 @@ with the zero record": for the Poisson-subsampled Gaussian it has exactly the sa
 curve as add/remove-one, so every accountant of this package applies unchanged.
 
 ``substitute``: the sensitive content of one record is replaced by arbitrary other content
-(replace-one restricted to the mask). We bound it by group privacy of size 2 from ``erase``.
+(replace-one restricted to the mask). The accountants use its exact one-step worst case, the
+antipodal pair of :mod:`maskdp.accounting.loss_pairs` (proof in docs/privacy.md, "The
+substitute relation: the antipodal pair"): PRV tightly, RDP through the pair's Renyi
+divergence (:mod:`maskdp.accounting.rdp_substitute`).
+
+Group privacy gives a looser bound from any erase profile; :func:`substitute_epsilon`
+computes it, for profiles that come from elsewhere (and the benchmark shows the gap).
 
 **Claim.** If a mechanism :math:`M` is :math:`(\varepsilon, d)`-DP for ``erase``, it is
 :math:`(2\varepsilon, (1 + e^{\varepsilon})\, d)`-DP for ``substitute``.
@@ -30,8 +36,8 @@ This holds for every erase guarantee :math:`(\varepsilon(d), d)` of the privacy 
 so for a target substitute delta :math:`\delta` we may pick any erase delta :math:`d` with
 :math:`(1 + e^{\varepsilon(d)}) d \le \delta` and report :math:`2\varepsilon(d)`;
 :func:`substitute_epsilon` searches for the largest such :math:`d` (which gives the smallest
-reported epsilon). The result is an *upper bound*; a tighter numerical replace-one curve is
-not implemented.
+reported epsilon). The result is an *upper bound*, far above the antipodal pair's (3.90
+against 2.49 at q = 0.01, sigma = 1.1, 1000 steps, delta = 1e-5).
 """
 
 from __future__ import annotations

@@ -218,6 +218,7 @@ class RiskReport(_Report[RiskBound]):
     noise_multiplier: float
     fpr: float
     delta: float | None = None
+    relation: str = "erase"
     dataset_size: int | None = None
     batch_size: int | None = None
     epochs: float | None = None

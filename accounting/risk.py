@@ -33,6 +33,7 @@ from maskdp.accounting import _validate
 from maskdp.accounting.choices import ACCOUNTANTS, Accountant
 from maskdp.accounting.errors import InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent
+from maskdp.accounting.relations import Relation, parse_relation
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def _advantage_upper(slopes: np.ndarray, intercepts: np.ndarray) -> float:
     return max(0.0, min(1.0, up(hi), down(lo)))
 
 
-def _rdp_profile(events: Sequence[PoissonGaussianEvent]) -> tuple[np.ndarray, np.ndarray]:
+def _rdp_profile(
+    events: Sequence[PoissonGaussianEvent], relation: Relation
+) -> tuple[np.ndarray, np.ndarray]:
     """(epsilon, delta) pairs from the RDP curve: epsilon at a log grid of deltas, and delta
     at a grid of epsilons; each pair is a valid hypothesis-test conversion."""
     import warnings
@@ -135,7 +138,7 @@ def _rdp_profile(events: Sequence[PoissonGaussianEvent]) -> tuple[np.ndarray, np
     from maskdp.accounting.conversions import _minimise, rdp_to_delta
     from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
 
-    rdp = rdp_of_events(events, DEFAULT_ORDERS)
+    rdp = rdp_of_events(events, DEFAULT_ORDERS, relation=relation)
     deltas = np.geomspace(1e-16, 0.5, 120)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -149,12 +152,12 @@ def _rdp_profile(events: Sequence[PoissonGaussianEvent]) -> tuple[np.ndarray, np
 
 
 def _prv_profile(
-    events: Sequence[PoissonGaussianEvent], eps_error: float
+    events: Sequence[PoissonGaussianEvent], eps_error: float, relation: Relation
 ) -> tuple[np.ndarray, np.ndarray]:
     """(epsilon, upper delta) pairs from the PRV curve on an epsilon grid."""
     from maskdp.accounting.prv import curve_for
 
-    curve = curve_for(events, eps_error=eps_error, delta_error=1e-12)
+    curve = curve_for(events, eps_error=eps_error, delta_error=1e-12, relation=relation)
     if curve is None:
         return np.zeros(1), np.zeros(1)
     top = curve.epsilon(1e-10)[2]
@@ -168,6 +171,7 @@ def attack_risk(
     fpr: float,
     delta: float | None = None,
     accountant: Accountant = "rdp",
+    relation: Relation | str = Relation.ERASE,
 ) -> RiskResult:
     r"""Upper bounds on membership-inference power against the composition of ``events``.
 
@@ -175,19 +179,21 @@ def attack_risk(
     ``advantage_upper``: bound on the best TPR - FPR over all FPR. Both are computed from the
     whole privacy profile (module docstring), not only the (epsilon, delta) at ``delta``;
     ``epsilon`` reports the accountant's guarantee at ``delta`` when it is given.
+    ``relation``: ``erase`` or ``substitute`` (:mod:`maskdp.accounting.relations`).
     """
     from maskdp.accounting.ledger import account, guarantee
 
     alpha = _validate.closed_unit("fpr", fpr)
     name = _validate.choice("accountant", accountant, ACCOUNTANTS)
     d = None if delta is None else _validate.open_unit("delta", delta)
+    rel = parse_relation(relation)
     events = tuple(events)
     if name == "rdp":
-        eps, dels = _rdp_profile(events)
+        eps, dels = _rdp_profile(events, rel)
     else:
-        eps, dels = _prv_profile(events, eps_error=0.01)
+        eps, dels = _prv_profile(events, eps_error=0.01, relation=rel)
     slopes, intercepts = _lines(eps, dels)
     tpr = float(min(1.0, max(alpha, np.min(slopes * alpha + intercepts))))
     advantage = _advantage_upper(slopes, intercepts)
-    epsilon = None if d is None else guarantee(account(events, d, accountant=name))
+    epsilon = None if d is None else guarantee(account(events, d, accountant=name, relation=rel))
     return RiskResult(alpha, tpr, advantage, epsilon, d)

@@ -8,7 +8,10 @@ One run measures, on one pinned thread:
    ``compute-dp-epsilon`` (median of several subprocess runs);
 3. calibration time (noise multiplier for a target epsilon), ours vs Opacus;
 4. tightness of our accountants against dp_accounting's PLD accountant on a fixed grid
-   (ratio to the PLD epsilon; goal: PRV upper within 1% of PLD everywhere).
+   (ratio to the PLD epsilon; goal: PRV upper within 1% of PLD everywhere);
+5. the substitute relation: ours (PRV and RDP of the antipodal pair) against dp_accounting's
+   REPLACE_ONE PLD and the group-privacy bound we reported before;
+6. long runs: PRV at 10^6 and 10^7 steps (time and peak memory), against dp_accounting's PLD.
 
 Usage::
 
@@ -142,6 +145,9 @@ def query_times() -> str:
     def ours_prv() -> float:
         return prv_epsilon(events, DELTA, eps_error=0.01).epsilon_upper
 
+    def ours_prv_substitute() -> float:
+        return prv_epsilon(events, DELTA, eps_error=0.01, relation="substitute").epsilon_upper
+
     def opacus_prv() -> float:
         acc = PRVAccountant()
         acc.history = [(SIGMA, Q, STEPS)]
@@ -153,6 +159,12 @@ def query_times() -> str:
         ("RDP", "dp_accounting `RdpAccountant`", dpa_rdp),
         ("PRV (eps_error 0.01)", "ours (`prv_epsilon`, upper)", ours_prv),
         ("PRV (eps_error 0.01)", "Opacus `PRVAccountant`", opacus_prv),
+        ("PRV substitute (eps_error 0.01)", "ours (`prv_epsilon`, upper)", ours_prv_substitute),
+        (
+            "PRV substitute (eps_error 0.01)",
+            "dp_accounting REPLACE_ONE PLD (1e-3)",
+            lambda: _replace_one_pld(Q, SIGMA, STEPS, 1e-3),
+        ),
     ]
     timed = [(kind, who, fn(), per_call(fn)) for kind, who, fn in cases]
     base = {kind: t for kind, who, _, t in timed if who.startswith("ours")}
@@ -297,11 +309,154 @@ def tightness() -> tuple[str, bool]:
     text = (
         "Tightness against dp_accounting's PLD accountant (pessimistic, discretisation 1e-4); "
         "ratios of our epsilon to the PLD epsilon. PRV runs with its default eps_error "
-        "(0.4% of the RDP epsilon, clamped to [0.002, 0.01]: what `maskdp epsilon "
+        "(0.4% of the RDP epsilon, at least 0.002: what `maskdp epsilon "
         "--accountant prv` uses) and, in the last column, with a fixed absolute eps_error "
         "of 0.01:\n\n" + table(header, rows)
     )
     return text, all_ok
+
+
+# --- 5. substitute -------------------------------------------------------------------------
+
+SUBSTITUTE_GRID: tuple[tuple[float, float, int], ...] = (
+    (0.01, 1.1, 1000),
+    (0.0625, 3.12, 128),
+    (0.004, 0.8, 2500),
+    (0.05, 1.5, 200),
+    (0.001, 1.0, 5000),
+)
+
+
+def _replace_one_pld(q: float, sigma: float, steps: int, interval: float = 1e-4) -> float:
+    from dp_accounting import privacy_accountant
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    one = pld.from_gaussian_mechanism(
+        sigma,
+        sampling_prob=q,
+        value_discretization_interval=interval,
+        neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE,
+    )
+    return float(one.self_compose(steps).get_epsilon_for_delta(DELTA))
+
+
+def substitute() -> tuple[str, bool]:
+    from maskdp.accounting.conversions import _minimise
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.ledger import account
+    from maskdp.accounting.prv import prv_epsilon
+    from maskdp.accounting.rdp import DEFAULT_ORDERS, rdp_of_events
+    from maskdp.accounting.relations import substitute_epsilon
+
+    rows, all_ok = [], True
+    for q, sigma, steps in SUBSTITUTE_GRID:
+        events = [PoissonGaussianEvent(q, sigma, steps)]
+        reference = _replace_one_pld(q, sigma, steps)
+        erase = prv_epsilon(events, DELTA).epsilon_upper
+        prv, prv_seconds = once(lambda e=events: prv_epsilon(e, DELTA, relation="substitute"))
+        rdp = account(events, DELTA, relation="substitute").epsilon
+        erase_rdp = rdp_of_events(events, DEFAULT_ORDERS)
+        group = substitute_epsilon(
+            lambda d, r=erase_rdp: _minimise(DEFAULT_ORDERS, r, d, "hypothesis-test").epsilon,
+            DELTA,
+        )[0]
+        pld_seconds = once(lambda a=(q, sigma, steps): _replace_one_pld(*a))[1]
+        ok = prv.epsilon_upper <= 1.01 * reference
+        all_ok &= ok
+        rows.append(
+            (
+                f"{q:g}, {sigma:g}, {steps}",
+                f"{erase:.3f}",
+                f"{reference:.3f}",
+                f"{prv.epsilon_upper:.3f} ({prv.epsilon_upper / reference:.4f})",
+                f"{rdp:.3f}",
+                f"{group:.3f}",
+                "yes" if ok else "**no**",
+                ms(prv_seconds),
+                ms(pld_seconds),
+            )
+        )
+    header = (
+        "q, sigma, steps",
+        "erase, ours PRV",
+        "substitute, dp_accounting REPLACE_ONE PLD",
+        "substitute, ours PRV upper (/ PLD)",
+        "substitute, ours RDP",
+        "group privacy (before)",
+        "within 1%",
+        "ours PRV CPU ms",
+        "PLD CPU ms",
+    )
+    text = (
+        f"Substitute relation at delta = {DELTA:g}: our PRV and RDP of the antipodal pair "
+        "against dp_accounting's REPLACE_ONE PLD (pessimistic, discretisation 1e-4), and the "
+        "group-privacy bound (RDP, size 2) that `--relation substitute` reported before:\n\n"
+        + table(header, rows)
+    )
+    return text, all_ok
+
+
+# --- 6. long runs ---------------------------------------------------------------------------
+
+
+def long_runs() -> str:
+    import tracemalloc
+
+    from dp_accounting import privacy_accountant
+    from dp_accounting.pld import privacy_loss_distribution as pld
+    from maskdp.accounting.events import PoissonGaussianEvent
+    from maskdp.accounting.prv import prv_epsilon
+
+    q, sigma = 0.0005, 1.5
+    relation = {
+        "erase": privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        "substitute": privacy_accountant.NeighboringRelation.REPLACE_ONE,
+    }
+    rows = []
+    for steps in (10**6, 10**7):
+        for name, neighbours in relation.items():
+            tracemalloc.start()
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = prv_epsilon([PoissonGaussianEvent(q, sigma, steps)], DELTA, relation=name)
+            wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            t0 = time.process_time()
+            one = pld.from_gaussian_mechanism(
+                sigma,
+                sampling_prob=q,
+                value_discretization_interval=1e-4,
+                neighboring_relation=neighbours,
+            )
+            reference = one.self_compose(steps).get_epsilon_for_delta(DELTA)
+            pld_s = time.process_time() - t0
+            rows.append(
+                (
+                    f"{steps:.0e}",
+                    name,
+                    f"{res.epsilon_lower:.4f} / {res.epsilon_upper:.4f}",
+                    f"{wall_s:.2f}",
+                    f"{cpu_s:.2f}",
+                    f"{peak / 2**30:.2f}",
+                    f"{reference:.4f}",
+                    f"{pld_s:.2f}",
+                )
+            )
+    header = (
+        "steps",
+        "relation",
+        "ours PRV lower / upper",
+        "wall s",
+        "CPU s",
+        "peak GiB (numpy)",
+        "dp_accounting PLD (pessimistic, 1e-4)",
+        "PLD CPU s",
+    )
+    return (
+        f"Long runs (q = {q}, sigma = {sigma}, delta = {DELTA:g}; our previous PRV accountant "
+        "refused 10^6 steps, its grid limit): default eps_error, peak memory of numpy arrays "
+        "(tracemalloc):\n\n" + table(header, rows)
+    )
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -350,6 +505,16 @@ def main() -> None:
         "PRV upper within 1% of PLD on every grid point: " + ("**yes**" if ok else "**no**") + "."
     )
     print("\n\n".join(parts[-2:]), flush=True)
+    sub, sub_ok = substitute()
+    parts.append(sub)
+    parts.append(
+        "Substitute PRV upper within 1% of the REPLACE_ONE PLD everywhere: "
+        + ("**yes**" if sub_ok else "**no**")
+        + "."
+    )
+    print("\n\n".join(parts[-2:]), flush=True)
+    parts.append(long_runs())
+    print(parts[-1], flush=True)
     body = "\n\n".join(parts) + "\n"
     if args.write:
         replace_section(args.write, SECTION, body)

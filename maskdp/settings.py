@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from maskdp.accounting.choices import RELATIONS
 from maskdp.accounting.ledger import ACCOUNTANTS
 from maskdp.checks import (
     check_batch_size,
@@ -64,6 +65,9 @@ class PrivacySettings:
             raises :class:`~maskdp.errors.PrivacyBudgetExceeded` *before* anything changes.
         target_delta: the delta of the budget and the default delta of ``epsilon()``.
         accountant: ``"rdp"`` (default) or ``"prv"`` (tighter, slower; its upper bound).
+        relation: ``"erase"`` (default) or ``"substitute"``: the neighbouring relation the
+            ledger, the budget guard and ``epsilon()`` account for
+            (:mod:`maskdp.accounting.relations`).
         autocast: ``torch.bfloat16`` or ``torch.float16`` runs each engine call under
             ``torch.autocast``; clipped sums, noise and the divisions stay in float32 or
             wider (:mod:`maskdp.training.precision`).
@@ -88,6 +92,7 @@ class PrivacySettings:
     target_epsilon: float | None = None
     target_delta: float | None = None
     accountant: str = "rdp"
+    relation: str = "erase"
     autocast: torch.dtype | None = None
     private_weight: float = 1.0
     shrinkage: str | None = None
@@ -108,6 +113,7 @@ class PrivacySettings:
             "engine": check_engine_name(self.engine),
             "protect_labels": check_bool("protect_labels", self.protect_labels),
             "accountant": check_choice("accountant", self.accountant, ACCOUNTANTS),
+            "relation": check_choice("relation", self.relation, RELATIONS),
             "autocast": check_autocast(self.autocast),
             "private_weight": check_private_weight(self.private_weight),
             "shrinkage": check_shrinkage(self.shrinkage),

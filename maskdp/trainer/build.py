@@ -175,6 +175,7 @@ def make_plan(config: TrainConfig, dataset_size: int) -> Plan:
         sample_rate=q,
         steps=private_steps,
         accountant=config.accountant,
+        relation=config.relation,
     )
     return Plan(q, public_steps, private_steps, sigma)
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from maskdp.accounting.choices import Accountant
+from maskdp.accounting.choices import Accountant, RelationName
 from maskdp.errors import InvalidInputError
 
 Mode = Literal["maskdp", "dpsgd", "nonprivate"]
@@ -103,6 +103,11 @@ class TrainConfig(BaseModel):
     )
     accountant: Accountant = Field(
         "rdp", description="Privacy accountant.", json_schema_extra=_PRIVACY
+    )
+    relation: RelationName = Field(
+        "erase",
+        description="Neighbouring relation: sensitive content erased, or substituted.",
+        json_schema_extra=_PRIVACY,
     )
     epochs: float = Field(2.0, gt=0, description="Private epochs.", json_schema_extra=_OPTIMISATION)
     public_epochs: float = Field(

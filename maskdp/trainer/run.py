@@ -96,6 +96,8 @@ class Run:
             shrinkage=None if config.shrinkage == "none" else config.shrinkage,
             private_parameters=config.private_parameter_names(),
             public_batch_size=self.public_batch_size,
+            accountant=config.accountant,
+            relation=config.relation,
         )
         if config.mode == "nonprivate":
             optimizer.close()

@@ -22,11 +22,12 @@ def epsilon_after(
     noise_multiplier: float,
     delta: float,
     accountant: str,
+    relation: str = "erase",
 ) -> float:
     """Epsilon of ``ledger`` plus ``more_steps`` steps at (q, sigma); ``ledger`` unchanged."""
     trial = ledger.copy()
     trial.record(sample_rate, noise_multiplier, more_steps)
-    return trial.epsilon(delta, accountant=accountant)  # type: ignore[arg-type]
+    return trial.epsilon(delta, accountant=accountant, relation=relation)  # type: ignore[arg-type]
 
 
 def steps_within_budget(
@@ -37,6 +38,7 @@ def steps_within_budget(
     noise_multiplier: float,
     delta: float,
     accountant: str,
+    relation: str = "erase",
 ) -> int:
     """The largest m with epsilon(ledger + m steps) <= target (capped at 2**31).
 
@@ -51,6 +53,7 @@ def steps_within_budget(
             noise_multiplier=noise_multiplier,
             delta=delta,
             accountant=accountant,
+            relation=relation,
         )
         return eps <= target_epsilon
 

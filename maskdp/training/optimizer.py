@@ -86,7 +86,7 @@ class MaskDPOptimizer(OptimizerWrapper):
             validated), or its fields as keyword arguments, which build one:
             ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``expected_batch_size``
             (required), ``expected_public_batch_size``, ``view``, ``engine``,
-            ``protect_labels``, ``target_epsilon``, ``target_delta``, ``accountant``,
+            ``protect_labels``, ``target_epsilon``, ``target_delta``, ``accountant``, ``relation``,
             ``autocast``, ``private_weight``, ``shrinkage``, ``private_parameters``.
         randomness: where the noise comes from: ``None`` (default) draws it from the OS
             entropy pool, secret and stateless (:mod:`maskdp.mechanism.randomness`). Only
@@ -158,6 +158,7 @@ class MaskDPOptimizer(OptimizerWrapper):
     target_epsilon = SettingAttribute()
     target_delta = SettingAttribute()
     accountant = SettingAttribute()
+    relation = SettingAttribute()
 
     @property
     def model(self) -> nn.Module:

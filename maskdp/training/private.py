@@ -34,6 +34,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from maskdp.accounting.choices import RELATIONS
 from maskdp.accounting.ledger import ACCOUNTANTS
 from maskdp.checks import check_batch_size, check_choice, check_delta, check_target_epsilon
 from maskdp.data.poisson import MaskDPDataLoader, PoissonDataLoader, check_data_loader
@@ -165,6 +166,7 @@ def make_private_with_epsilon(
     target_delta: float,
     epochs: float,
     accountant: str = "rdp",
+    relation: str = "erase",
     **settings: Any,
 ) -> tuple[nn.Module, MaskDPOptimizer, MaskDPDataLoader]:
     """:func:`make_private` with the smallest noise that keeps ``epochs`` epochs within budget.
@@ -182,9 +184,12 @@ def make_private_with_epsilon(
     target = check_target_epsilon(target_epsilon)
     delta = check_delta(target_delta, "target_delta")
     accountant = check_choice("accountant", accountant, ACCOUNTANTS)
+    relation = check_choice("relation", relation, RELATIONS)
     rate, _, _ = _rate(data_loader)
     steps = epochs_to_steps(epochs, rate)
-    sigma = calibrate_noise(target, delta, sample_rate=rate, steps=steps, accountant=accountant)
+    sigma = calibrate_noise(
+        target, delta, sample_rate=rate, steps=steps, accountant=accountant, relation=relation
+    )
     return make_private(
         model,
         optimizer,
@@ -193,5 +198,6 @@ def make_private_with_epsilon(
         target_epsilon=target,
         target_delta=delta,
         accountant=accountant,
+        relation=relation,
         **settings,
     )

@@ -63,6 +63,7 @@ class PrivacySpent:
                 noise_multiplier=s.noise_multiplier,
                 delta=s.target_delta,
                 accountant=s.accountant,
+                relation=s.relation,
             )
         if self._budget_left == 0:
             eps = epsilon_after(
@@ -72,10 +73,12 @@ class PrivacySpent:
                 noise_multiplier=s.noise_multiplier,
                 delta=s.target_delta,
                 accountant=s.accountant,
+                relation=s.relation,
             )
             raise PrivacyBudgetExceeded(
                 f"step {self.steps + 1} would spend epsilon {eps:.6g} > target_epsilon "
-                f"{s.target_epsilon:g} at delta {s.target_delta:g} ({s.accountant}); "
+                f"{s.target_epsilon:g} at delta {s.target_delta:g} ({s.accountant}, "
+                f"{s.relation}); "
                 "stop training or raise the target"
             )
 
@@ -93,7 +96,11 @@ class PrivacySpent:
             return math.inf
         if self.ledger.steps == 0:
             return 0.0
-        return self.ledger.epsilon(delta, accountant=self.settings.accountant)
+        return self.ledger.epsilon(
+            delta,
+            accountant=self.settings.accountant,  # type: ignore[arg-type]
+            relation=self.settings.relation,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The ledger (JSON-compatible) and the step counts."""

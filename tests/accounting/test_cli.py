@@ -172,7 +172,7 @@ BAD = [
     (["steps", "--sample-rate", "0.1", "--noise-multiplier", "1", "--target-epsilon", "-3"], "--target-epsilon"),
     (["risk", *EPS_ARGS], "--fpr"),
     (["risk", *EPS_ARGS, "--fpr", "1"], "--fpr"),
-    (["risk", *EPS_ARGS, "--fpr", "0.1", "--relation", "erase"], "--relation"),
+    (["risk", *EPS_ARGS, "--fpr", "0.1", "--relation", "swap"], "--relation"),
     (["frobnicate"], "frobnicate"),
 ]  # fmt: skip
 

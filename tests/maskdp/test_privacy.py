@@ -177,11 +177,9 @@ def test_make_private_refuses_a_loader_without_batch_size():
         setup(loader)
 
 
-def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
-    model = tiny_vit(dtype=torch.float32)
-    data_loader = DataLoader(dataset(), batch_size=4)
-    target, delta, epochs = 4.0, 1e-5, 2
-    _, optimizer, loader = make_private_with_epsilon(
+def with_epsilon(model, data_loader, target, delta, epochs, **settings):
+    """make_private_with_epsilon on the reference engine, SGD and cross-entropy."""
+    return make_private_with_epsilon(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader,
@@ -191,7 +189,15 @@ def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
         max_grad_norm=1.0,
         loss_fn=nn.CrossEntropyLoss(),
         engine="reference",
+        **settings,
     )
+
+
+def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
+    model = tiny_vit(dtype=torch.float32)
+    data_loader = DataLoader(dataset(), batch_size=4)
+    target, delta, epochs = 4.0, 1e-5, 2
+    _, optimizer, loader = with_epsilon(model, data_loader, target, delta, epochs)
     steps = epochs * len(data_loader)
     assert optimizer.noise_multiplier == calibrate_noise(
         target, delta, sample_rate=4 / 24, steps=steps, accountant="rdp"
@@ -210,3 +216,33 @@ def test_make_private_with_epsilon_calibrates_and_guards_the_budget():
 def test_top_level_exports():
     assert maskdp.make_private is make_private
     assert maskdp.FillView is not None
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_make_private_with_epsilon_under_substitute(accountant):
+    """The optimizer's ledger, its budget guard and the calibration all use the substitute
+    pair: more noise than erase for the same target, and the reported epsilon is the
+    substitute one."""
+    model = tiny_vit(dtype=torch.float32)
+    target, delta, epochs = 4.0, 1e-5, 2
+
+    def build(relation: str) -> MaskDPOptimizer:
+        data_loader = DataLoader(dataset(), batch_size=4)
+        return with_epsilon(
+            model, data_loader, target, delta, epochs, accountant=accountant, relation=relation
+        )[1]
+
+    optimizer = build("substitute")
+    erase = build("erase")
+    assert optimizer.relation == "substitute"
+    assert optimizer.noise_multiplier > erase.noise_multiplier
+    steps = epochs * 6
+    for _ in range(steps):
+        optimizer.step()
+    ledger = PrivacyLedger([PoissonGaussianEvent(4 / 24, optimizer.noise_multiplier, steps)])
+    assert optimizer.epsilon() == ledger.epsilon(
+        delta, accountant=accountant, relation="substitute"
+    )
+    assert ledger.epsilon(delta, accountant=accountant) < optimizer.epsilon() <= target
+    with pytest.raises(PrivacyBudgetExceeded, match="substitute"):
+        optimizer.step()

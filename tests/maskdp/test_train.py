@@ -67,6 +67,22 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert json.loads((run / CONFIG).read_text()) == config.to_dict()
 
 
+@pytest.mark.parametrize("accountant, relation", [("prv", "erase"), ("rdp", "substitute")])
+def test_reported_epsilon_uses_the_configured_accountant_and_relation(
+    tmp_path: Path, accountant: str, relation: str
+) -> None:
+    """The noise is calibrated and the epsilon reported with the same accountant and
+    relation (the optimizer used to report with RDP under erase whatever the config said)."""
+    config = build_config(**TINY, target_epsilon=1.0, accountant=accountant, relation=relation)
+    stored = train(config, tmp_path / "run").to_dict()
+    q = config.batch_size / config.train_size
+    ledger = PrivacyLedger()
+    ledger.record(q, stored["noise_multiplier"], stored["steps"])
+    expected = ledger.epsilon(config.delta, accountant=accountant, relation=relation)
+    assert stored["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert stored["epsilon"] <= 1.0
+
+
 def _checkpoint(run_dir: Path) -> dict:
     """The checkpoint, loaded as a release would be: tensors and plain types only."""
     return torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
