@@ -109,18 +109,10 @@ class LossPair:
         """:math:`P(Y > t)`, computed from the upper tails (full relative precision there)."""
         return self.at(self.inverse_loss(t), upper=True)
 
-    def mass(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """:math:`P(lo < Y \\le hi)`: from the CDF below the median, the survival function
-        above it, so that no small mass is a difference of two numbers near 1."""
-        lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
-        upper = lo >= self.median()
-        out = np.empty(np.broadcast(lo, hi).shape)
-        out[upper] = self.sf(lo[upper]) - self.sf(hi[upper])
-        out[~upper] = self.cdf(hi[~upper]) - self.cdf(lo[~upper])
-        return np.maximum(out, 0.0)
-
     def median(self) -> float:
-        """A point where both CDF and survival function are about 1/2 (the loss at x = 0.5q)."""
+        """A split point of the law (the loss at x = q/2, near its middle): discretisation
+        takes masses from CDF differences below it and survival differences above it, so
+        that no small mass is a difference of two numbers near 1."""
         return float(self.loss(np.array([0.5 * self.q]))[0])
 
     def truncated_mean(self, t_lo: float, t_hi: float) -> float:
