@@ -65,11 +65,16 @@ from results_file import replace_section  # noqa: E402
 SECTION = "## Utility on real footage"
 TASKS = ("footage", "footage-context", "footage-person")
 MODELS = ("vit", "cnn")  # r3d_18 too with --models: GPU-sized (RESULTS.md)
-GRID = {"lr": (2e-3, 1e-2), "max_grad_norm": (0.1, 1.0), "batch_size": (64, 256)}
+GRID = {
+    "lr": (2e-3, 1e-2),
+    "max_grad_norm": (0.1, 1.0),
+    "batch_size": (64, 256),
+    "temporal_centering": (True, False),
+}
 QUICK_GRID = {"lr": (2e-3, 1e-2), "max_grad_norm": (1.0,), "batch_size": (64,)}
 SWEEP = (0.5, 2.0, 8.0)
 LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("view=texture", {"view": "texture"}),
+    ("view=coverage", {"view": "coverage"}),
     ("view=fill", {"view": "fill"}),
     ("view=random", {"view": "random"}),
     ("private_parameters=head", {"private_parameters": "head"}),

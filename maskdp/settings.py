@@ -57,7 +57,7 @@ class PrivacySettings:
             the realised batch size).
         expected_public_batch_size: :math:`B_{pub}`, the divisor of the public term
             (default :math:`B`).
-        view: the public view (default ``CoverageView()``, :func:`maskdp.mechanism.views.as_view`)
+        view: the public view (default ``TextureFillView()``, :func:`maskdp.mechanism.views.as_view`)
             or a callable ``(x, m) -> x'``.
         engine: ``"auto"`` or an engine name (:func:`maskdp.engines.base.engine_names`).
         protect_labels: plain DP-SGD on :math:`g_i` (no public term): protects labels too.

@@ -196,7 +196,7 @@ def masked_gradient(
     ``(inputs, mask, targets)`` is the private batch :math:`P` (``mask`` a bool pixel mask
     (N, T, H, W), ``True`` = sensitive); ``public`` the independent public batch :math:`U`
     (required unless ``protect_labels``, where there is no public term and the full gradient
-    is clipped: plain DP-SGD). ``view`` defaults to ``CoverageView()`` (:func:`~maskdp.mechanism.views.as_view`). ``present`` (bool, N)
+    is clipped: plain DP-SGD). ``view`` defaults to ``TextureFillView()`` (:func:`~maskdp.mechanism.views.as_view`). ``present`` (bool, N)
     marks private records whose sensitive content exists; an absent record is the ``erase``
     neighbour and contributes :math:`\Delta_i = 0` (tests and the audit). Adds no noise.
     """

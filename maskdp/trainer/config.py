@@ -69,10 +69,11 @@ class TrainConfig(BaseModel):
     image_size: int = Field(
         32, ge=1, description="Height and width of synthetic clips.", json_schema_extra=_DATA
     )
-    view: Literal["coverage", "texture", "fill", "random", "inpaint", "drop"] = Field(
-        "coverage",
-        description="Public view of the masked clips (coverage: a moving texture where most "
-        "of a clip is sensitive, a constant fill where little is).",
+    view: Literal["texture", "coverage", "fill", "random", "inpaint", "drop"] = Field(
+        "texture",
+        description="Public view of the masked clips (texture: a moving natural-looking "
+        "texture; coverage: texture where most of a clip is sensitive, a constant fill where "
+        "little is).",
         json_schema_extra=_DATA,
     )
     temporal_centering: bool = Field(

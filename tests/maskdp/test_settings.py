@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from maskdp.errors import InvalidInputError
-from maskdp.mechanism.coverage_view import CoverageView
 from maskdp.mechanism.randomness import InsecureSeededRandomness
 from maskdp.mechanism.sampling import epochs_to_steps, steps_per_epoch
+from maskdp.mechanism.texture_view import TextureFillView
 from maskdp.mechanism.views import FillView
 from maskdp.settings import PrivacySettings
 from maskdp.training.optimizer import MaskDPOptimizer
@@ -28,8 +28,9 @@ BASE = dict(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, expected_b
 
 def test_defaults_are_normalised_and_the_object_is_frozen():
     s = PrivacySettings(**BASE)
-    assert s.expected_public_batch_size == 4 and isinstance(s.view, CoverageView)
-    assert s.view.small.value == (0.5,) and s.engine == "auto" and s.accountant == "rdp"
+    assert s.expected_public_batch_size == 4 and isinstance(s.view, TextureFillView)
+    assert s.view.seed == 0 and s.engine == "auto" and s.accountant == "rdp"
+    assert s.relation == "erase"
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.noise_multiplier = 0.0  # type: ignore[misc]
     t = s.replace(noise_multiplier=2, engine="vmap")

@@ -306,7 +306,7 @@ def test_cli_train_has_one_option_per_config_field() -> None:
         assert field.description and field.description in option.help, name
     assert options["temporal_centering"].secondary_opts == ["--no-temporal-centering"]
     assert (
-        "One of: coverage, texture, fill, random, inpaint, drop." in options["view"].help
+        "One of: texture, coverage, fill, random, inpaint, drop." in options["view"].help
     )  # and a click choice
 
 

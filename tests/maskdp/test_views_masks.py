@@ -20,6 +20,7 @@ from maskdp.mechanism.masks import (
     pixel_to_token_mask,
     token_to_pixel_mask,
 )
+from maskdp.mechanism.texture_view import TextureFillView
 from maskdp.mechanism.views import (
     CallableView,
     DropView,
@@ -241,11 +242,8 @@ def test_with_absent_shows_erased_records_their_public_view():
 
 
 def test_as_view_resolution():
-    from maskdp.mechanism.coverage_view import CoverageView
-
     default = as_view(None)
-    assert isinstance(default, CoverageView) and default.threshold == 0.5
-    assert isinstance(default.small, FillView) and default.small.value == (0.5,)
+    assert isinstance(default, TextureFillView) and default.seed == 0
     assert isinstance(as_view(lambda x, m: x), CallableView)
     with pytest.raises(InvalidInputError):
         as_view(3)
