@@ -48,7 +48,9 @@ SIGMA_MIN = 0.05
 SIGMA_MAX = 1e4
 STEPS_MAX = 10**12
 PRV_EPS_ERROR = 0.01
-"""The PRV precision calibration answers to (the default of :func:`~maskdp.accounting.prv.prv_epsilon`)."""
+"""Allowance for the PRV's epsilon error when the coarse search aims below the target; the
+fine search and the ledger's own answer (:func:`~maskdp.accounting.prv.default_eps_error`)
+settle the last digits."""
 _COARSE_EPS_ERROR = 0.1
 _COARSE_MARGIN = 0.001
 

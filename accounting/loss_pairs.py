@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from maskdp.accounting.relations import Relation
+from maskdp.accounting.relations import Relation, parse_relation
 
 # Gauss-Legendre nodes for the truncated mean: panels of width sigma / 4, 16 nodes each.
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(16)
@@ -49,6 +49,9 @@ class LossPair:
     q: float
     sigma: float
     relation: Relation = Relation.ERASE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "relation", parse_relation(self.relation))
 
     # ------------------------------------------------------------------ the privacy loss
 
@@ -80,6 +83,8 @@ class LossPair:
         t = np.asarray(t, dtype=float)
         q, s2 = self.q, self.sigma * self.sigma
         with np.errstate(divide="ignore", invalid="ignore"):
+            if self.relation is Relation.ERASE and q == 1.0:
+                return s2 * t + 0.5  # the Gaussian's loss is linear
             if self.relation is Relation.ERASE:
                 inside = np.expm1(t) + q
                 out = s2 * (np.log(np.where(inside > 0, inside, 1.0)) - math.log(q)) + 0.5

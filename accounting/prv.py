@@ -4,8 +4,8 @@ Gopi, Lee, Wutschitz 2021, "Numerical Composition of Differential Privacy" (Neur
 algorithm of prv-accountant written for our two dominating pairs (erase and substitute,
 :mod:`maskdp.accounting.loss_pairs`) in float64 numpy:
 
-1. the PRV of one step is truncated to :math:`[-L, L]` (:math:`L` from an RDP bound, their
-   Remark 5.6) and discretised on a mesh :math:`h = \varepsilon_e / \sqrt{(N/2)
+1. the PRV of one step is truncated to :math:`[-L, L']`, :math:`L' \ge L` (:math:`L` from an
+   RDP bound, their Remark 5.6; :math:`L'` rounds the grid up to a fast FFT length) and discretised on a mesh :math:`h = \varepsilon_e / \sqrt{(N/2)
    \log(12/\delta_e)}` (Thm. 5.5), cell-centred, then shifted so that its mean equals the
    truncated continuous mean;
 2. the composition of :math:`N` steps is the inverse FFT of the product of the steps'
@@ -15,6 +15,10 @@ algorithm of prv-accountant written for our two dominating pairs (erase and subs
    is read from two reverse cumulative sums, and Thm. 5.5 turns the discrete answer into a
    *lower bound*, an *estimate* and an *upper bound* on the true epsilon (within
    :math:`2\varepsilon_e` of each other); the upper bound is the guarantee.
+
+Floating point is part of the budget. Raising the spectrum to the N-th power multiplies its
+round-off by N, so the bounds add :func:`~maskdp.accounting.prv_discrete.round_off_bound` to
+``delta_error``, and a query whose delta that would crowd out is composed in long double.
 
 The mesh is chosen from the error to meet: :func:`default_eps_error` asks for 0.4% of the
 answer, so a long run with a large epsilon gets a coarser absolute mesh and stays affordable
@@ -36,7 +40,7 @@ from maskdp.accounting import _validate
 from maskdp.accounting.errors import AccountingError, InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.loss_pairs import LossPair
-from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size
+from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size, round_off_bound
 from maskdp.accounting.relations import Relation, parse_relation
 
 MAX_NODES = 1 << 25
@@ -87,100 +91,123 @@ class PRVCurve:
         *,
         eps_error: float,
         delta_error: float,
-        relation: Relation = Relation.ERASE,
+        relation: Relation | str = Relation.ERASE,
     ) -> None:
-        from scipy.fft import rfft
-
         self.eps_error = eps_error
         self.delta_error = delta_error
         self.max_steps = tuple(int(n) for n in max_steps)
-        self.relation = relation
-        pairs = [LossPair(q, s, relation) for q, s in mechanisms]
+        self.relation = parse_relation(relation)
+        pairs = [LossPair(q, s, self.relation) for q, s in mechanisms]
         total = sum(self.max_steps)
         half_width = _safe_half_width(
             pairs, self.max_steps, eps_error=eps_error, delta_error=delta_error
         )
         mesh = eps_error / math.sqrt(total / 2.0 * math.log(12.0 / delta_error))
         k = math.ceil(half_width / mesh)
-        # Nodes -k .. size - 1 - k, aligned with 0; at least 2k + 2 of them, more if that
-        # makes the FFT faster (the extra nodes lie beyond L and hold no mass).
+        # Nodes -k .. size - 1 - k, aligned with 0: at least 2k + 2 of them, more if that
+        # makes the FFT faster (each step's law is then cut further right than L: only safer).
         size = fft_size(2 * k + 2)
-        if size > MAX_NODES:
+        if size * len(pairs) > MAX_NODES:
             raise AccountingError(
-                f"the PRV accountant would need a grid of {size:.3g} nodes (limit {MAX_NODES:.3g}) "
-                f"for {total} steps at eps_error={eps_error:g}; pass a larger eps_error (the grid "
-                "shrinks linearly with it) or use the rdp accountant"
+                f"the PRV accountant would need {len(pairs)} grid(s) of {size:.3g} nodes (limit "
+                f"{MAX_NODES:.3g} in all) for {total} steps at eps_error={eps_error:g}; pass a "
+                "larger eps_error (the grid shrinks linearly with it), merge segments, or use "
+                "the rdp accountant"
             )
         self.mesh, self.size, self._k = mesh, size, k
-        self._spectra = []
-        self._shifts = []
+        self._pmfs, self._shifts = [], []
         for pair in pairs:
             pmf, shift = discretise(pair, -k * mesh, mesh, size)
-            self._spectra.append(rfft(pmf))
+            self._pmfs.append(pmf)
             self._shifts.append(shift)
-        self._cache: tuple[tuple[int, ...], DiscretePRV] | None = None
+        self._spectra: dict[Any, list[Any]] = {}
+        self._cache: tuple[tuple[tuple[int, ...], Any], DiscretePRV] | None = None
 
-    def _composed(self, steps: Sequence[int] | None) -> DiscretePRV:
+    def _key(self, steps: Sequence[int] | None) -> tuple[int, ...]:
         key = self.max_steps if steps is None else tuple(int(n) for n in steps)
         if len(key) != len(self.max_steps) or any(
             n < 0 or n > m for n, m in zip(key, self.max_steps, strict=True)
         ):
             raise AccountingError(f"steps {key} exceed the grid's maximum {self.max_steps}")
-        if self._cache is None or self._cache[0] != key:
-            from scipy.fft import irfft
+        return key
 
-            spectrum = np.ones_like(self._spectra[0])
-            for f, n in zip(self._spectra, key, strict=True):
+    def _precision(self, steps: tuple[int, ...], delta: float | None) -> Any:
+        """float64, or long double when float64's round-off would take more than 1% of
+        ``delta`` (long runs at small delta: :func:`~maskdp.accounting.prv_discrete.
+        round_off_bound`)."""
+        if delta is None or round_off_bound(sum(steps), self.size, np.float64) <= 0.01 * delta:
+            return np.float64
+        return np.longdouble
+
+    def _composed(self, steps: Sequence[int] | None, delta: float | None = None) -> DiscretePRV:
+        key = self._key(steps)
+        dtype = self._precision(key, delta)
+        if self._cache is None or self._cache[0] != (key, dtype):
+            from scipy.fft import irfft, rfft
+
+            if dtype not in self._spectra:
+                self._spectra[dtype] = [rfft(p.astype(dtype)) for p in self._pmfs]
+            spectra = self._spectra[dtype]
+            spectrum = np.ones_like(spectra[0])
+            for f, n in zip(spectra, key, strict=True):
                 if n:
                     spectrum *= f**n
             pmf = irfft(spectrum, self.size)
             total = sum(key)
             # Index i of the circular result holds the sum t_min * N + i h; on the base grid
             # that is index i - (N - 1) k.
-            pmf = np.roll(pmf, (-(total - 1) * self._k) % self.size)
+            pmf = np.roll(pmf, (-(total - 1) * self._k) % self.size).astype(np.float64)
             shift = sum(n * s for n, s in zip(key, self._shifts, strict=True))
             ts = (np.arange(self.size) - self._k) * self.mesh + shift
-            self._cache = (key, DiscretePRV(ts, pmf))
+            rounding = round_off_bound(total, self.size, dtype)
+            self._cache = ((key, dtype), DiscretePRV(ts, pmf, rounding))
         return self._cache[1]
 
     def epsilon(
         self, delta: float, steps: Sequence[int] | None = None
     ) -> tuple[float, float, float]:
-        """(lower, estimate, upper) epsilon at ``delta`` after ``steps`` (default: the maximum)."""
+        """(lower, estimate, upper) epsilon at ``delta`` after ``steps`` (default: the maximum).
+
+        The delta budget of the bounds is ``delta_error`` plus the round-off bound of the
+        composition (:func:`~maskdp.accounting.prv_discrete.round_off_bound`)."""
         if delta <= self.delta_error:
             raise AccountingError(
                 f"delta ({delta:g}) must exceed delta_error ({self.delta_error:g})"
             )
-        f_n = self._composed(steps)
-        if np.finfo(float).eps * self.size > delta - self.delta_error:
+        f_n = self._composed(steps, delta)
+        slack = self.delta_error + f_n.rounding
+        if slack >= 0.5 * delta:
             raise AccountingError(
-                f"delta={delta:g} is too small for a grid of {self.size} nodes: floating point "
-                "would dominate (raise delta or eps_error, or use the rdp accountant)"
+                f"delta={delta:g} is too small for {sum(self._key(steps))} steps on a grid of "
+                f"{self.size} nodes: floating-point round-off ({f_n.rounding:.2g}) would "
+                "dominate (raise delta or eps_error, or use the rdp accountant)"
             )
-        if delta >= f_n.delta(-self.eps_error) + self.delta_error:
+        if delta >= f_n.delta(-self.eps_error) + slack:
             return 0.0, 0.0, 0.0  # delta at least an upper bound on delta(0): epsilon 0 holds
-        upper = f_n.epsilon(delta - self.delta_error) + self.eps_error
-        lower = f_n.epsilon(delta + self.delta_error) - self.eps_error
+        upper = f_n.epsilon(delta - slack) + self.eps_error
+        lower = f_n.epsilon(delta + slack) - self.eps_error
         estimate = f_n.epsilon(delta)
         return max(0.0, lower), max(0.0, estimate), max(0.0, upper)
 
     def delta(
         self, epsilon: float, steps: Sequence[int] | None = None
     ) -> tuple[float, float, float]:
-        """(lower, estimate, upper) delta at ``epsilon`` (each clamped to [0, 1])."""
+        """(lower, estimate, upper) delta at ``epsilon`` (each clamped to [0, 1]); the bounds
+        include ``delta_error`` and the composition's round-off bound."""
         f_n = self._composed(steps)
-        lower = f_n.delta(epsilon + self.eps_error) - self.delta_error
+        slack = self.delta_error + f_n.rounding
+        lower = f_n.delta(epsilon + self.eps_error) - slack
         estimate = f_n.delta(epsilon)
-        upper = f_n.delta(epsilon - self.eps_error) + self.delta_error
+        upper = f_n.delta(epsilon - self.eps_error) + slack
         return tuple(min(1.0, max(0.0, float(x))) for x in (lower, estimate, upper))  # type: ignore[return-value]
 
     def upper_deltas(self, epsilons: Any, steps: Sequence[int] | None = None) -> Any:
         r"""Upper bounds on delta at many epsilons at once (each clamped to [0, 1]): the same
         value as :meth:`delta`'s upper, :math:`\hat\delta(\varepsilon - \varepsilon_e) +
-        \delta_e`."""
+        \delta_e` plus the round-off bound."""
         f_n = self._composed(steps)
         e = np.asarray(epsilons, dtype=float) - self.eps_error
-        return np.clip(f_n.delta(e) + self.delta_error, 0.0, 1.0)
+        return np.clip(f_n.delta(e) + self.delta_error + f_n.rounding, 0.0, 1.0)
 
 
 _SAFE_ORDERS = np.unique(
@@ -254,6 +281,7 @@ def curve_for(
     merged = merge_events(events)
     if not merged:
         return None
+    relation = parse_relation(relation)
     return PRVCurve(
         [(e.sample_rate, e.noise_multiplier) for e in merged],
         [e.steps for e in merged],
@@ -282,6 +310,7 @@ def default_eps_error(
     from maskdp.accounting.rdp import DEFAULT_ORDERS
 
     merged = merge_events(events)
+    relation = parse_relation(relation)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if relation is Relation.ERASE:

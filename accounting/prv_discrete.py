@@ -24,8 +24,9 @@ class DiscretePRV:
     that :math:`\delta(\varepsilon) = D_1(i) - e^{\varepsilon} D_2(i)` for
     :math:`t_{i-1} < \varepsilon \le t_i`."""
 
-    def __init__(self, ts: np.ndarray, pmf: np.ndarray) -> None:
+    def __init__(self, ts: np.ndarray, pmf: np.ndarray, rounding: float = 0.0) -> None:
         self.ts = ts
+        self.rounding = rounding  # bound on the round-off in any delta read from this law
         self.d1 = _tail_sums(pmf)
         self.d2 = _tail_sums(pmf * np.exp(-ts))
         with np.errstate(over="ignore", invalid="ignore"):
@@ -48,7 +49,13 @@ class DiscretePRV:
             )
         if i == 0:  # delta reached at the grid's left edge: epsilon is at most that node
             return float(self.ts[0])
-        return float(math.log((self.d1[i] - delta) / self.d2[i]))
+        mass, weight = self.d1[i] - delta, self.d2[i]
+        if not (mass > 0 and weight > 0):  # round-off noise only: the bounds' slack covers it
+            raise AccountingError(
+                f"delta={delta:g} lies in the PRV grid's round-off noise; raise delta or use "
+                "the rdp accountant"
+            )
+        return float(math.log(mass / weight))
 
 
 def _tail_sums(values: np.ndarray) -> np.ndarray:
@@ -90,6 +97,21 @@ def discretise(pair: LossPair, t_min: float, mesh: float, size: int) -> tuple[np
             "eps_error or use the rdp accountant"
         )
     return pmf, shift
+
+
+def round_off_bound(steps: int, size: int, dtype: Any) -> float:
+    r"""Bound on the round-off in a delta read from ``steps`` composed steps on ``size`` nodes.
+
+    Each spectrum coefficient carries a relative FFT error of order
+    :math:`\log_2(n)\,u`; its N-th power carries N times that, and the inverse FFT spreads
+    it over the law. We charge :math:`(N + 2) \log_2(n)\, \epsilon_{mach}` in delta (twice
+    the unit round-off per operation), plus :math:`n\, \epsilon_{mach}` for the tail sums.
+    An error model, not a theorem: against the exact Gaussian (q = 1) at up to 10^7 steps
+    the round-off measured against a long double composition on the same grid stays 30 to
+    300 times below it (tests/accounting/test_prv.py).
+    """
+    eps = float(np.finfo(dtype).eps)
+    return ((steps + 2) * math.log2(max(size, 2)) + size) * eps
 
 
 def fft_size(nodes: int) -> int:

@@ -65,12 +65,15 @@ def test_antipodal_pair_dominates_every_pair_of_clipped_contributions(q, sigma, 
     rng = np.random.default_rng(0)
     antipodal = hockey_stick_2d(q, sigma, np.array([1.0, 0.0]), np.array([-1.0, 0.0]), gamma)
     worst = 0.0
-    for _ in range(12):
+    for _ in range(8):  # inside the ball
         pts = rng.normal(size=(2, 2))
         pts /= np.maximum(1.0, np.linalg.norm(pts, axis=1, keepdims=True)) * rng.uniform(
             1.0, 1.5, size=(2, 1)
         )
         worst = max(worst, hockey_stick_2d(q, sigma, pts[0], pts[1], gamma))
+    for angle in (0.5, 1.5, 2.5, 3.0):  # on the sphere, at angles below pi
+        x2 = np.array([math.cos(angle), math.sin(angle)])
+        worst = max(worst, hockey_stick_2d(q, sigma, np.array([1.0, 0.0]), x2, gamma))
     erase = hockey_stick_2d(q, sigma, np.array([1.0, 0.0]), np.zeros(2), gamma)
     assert erase < antipodal and worst <= antipodal + 1e-9
     assert antipodal > 0.01  # not a vacuous comparison
