@@ -4,10 +4,11 @@ Gopi, Lee, Wutschitz 2021, "Numerical Composition of Differential Privacy" (Neur
 algorithm of prv-accountant written for our two dominating pairs (erase and substitute,
 :mod:`maskdp.accounting.loss_pairs`) in float64 numpy:
 
-1. the PRV of one step is truncated to :math:`[-L, L']`, :math:`L' \ge L` (:math:`L` from an
-   RDP bound, their Remark 5.6; :math:`L'` rounds the grid up to a fast FFT length) and discretised on a mesh :math:`h = \varepsilon_e / \sqrt{(N/2)
-   \log(12/\delta_e)}` (Thm. 5.5), cell-centred, then shifted so that its mean equals the
-   truncated continuous mean;
+1. the PRV of one step is truncated to :math:`[-L, L']`, :math:`L' \ge L` (:math:`L` from
+   an RDP bound, their Remark 5.6; :math:`L'` rounds the grid up to a fast FFT length) and
+   discretised on a mesh :math:`h = \varepsilon_e / \sqrt{(N/2) \log(12/\delta_e)}`
+   (Thm. 5.5), cell-centred, then shifted so that its mean equals the truncated
+   continuous mean;
 2. the composition of :math:`N` steps is the inverse FFT of the product of the steps'
    spectra (a circular convolution: :math:`L` is wide enough that the wrap-around is
    covered by the error budget);
@@ -44,8 +45,8 @@ from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size, ro
 from maskdp.accounting.relations import Relation, parse_relation
 
 MAX_NODES = 1 << 25
-"""Most discretisation nodes of one PRV grid: about 33 million, 2 GB of float64 work arrays
-at the peak of a query, and a few seconds per FFT."""
+"""Most discretisation nodes over all of a curve's grids (one per distinct (q, sigma)):
+about 33 million, 2 GB of float64 work arrays at the peak of a query."""
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,23 @@ class PRVCurve:
             from scipy.fft import irfft, rfft
 
             if dtype not in self._spectra:
-                self._spectra[dtype] = [rfft(p.astype(dtype)) for p in self._pmfs]
-            spectra = self._spectra[dtype]
-            spectrum = np.ones_like(spectra[0])
-            for f, n in zip(spectra, key, strict=True):
+                self._spectra[dtype] = [rfft(np.asarray(p, dtype)) for p in self._pmfs]
+            spectrum = None
+            for f, n in zip(self._spectra[dtype], key, strict=True):
                 if n:
-                    spectrum *= f**n
-            pmf = irfft(spectrum, self.size)
+                    spectrum = f**n if spectrum is None else spectrum * f**n
+            if spectrum is None:  # no steps: the law of 0
+                spectrum = np.ones_like(self._spectra[dtype][0])
+            circular = irfft(spectrum, self.size)
+            del spectrum
             total = sum(key)
             # Index i of the circular result holds the sum t_min * N + i h; on the base grid
-            # that is index i - (N - 1) k.
-            pmf = np.roll(pmf, (-(total - 1) * self._k) % self.size).astype(np.float64)
+            # that is index i - (N - 1) k: a rotation, written into one float64 array.
+            pmf = np.empty(self.size)
+            turn = (-(total - 1) * self._k) % self.size
+            pmf[turn:] = circular[: self.size - turn]
+            pmf[:turn] = circular[self.size - turn :]
+            del circular
             shift = sum(n * s for n, s in zip(key, self._shifts, strict=True))
             ts = (np.arange(self.size) - self._k) * self.mesh + shift
             rounding = round_off_bound(total, self.size, dtype)

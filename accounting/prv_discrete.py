@@ -29,9 +29,10 @@ class DiscretePRV:
         self.rounding = rounding  # bound on the round-off in any delta read from this law
         self.d1 = _tail_sums(pmf)
         self.d2 = _tail_sums(pmf * np.exp(-ts))
+
+    def _delta_at_node(self, i: int) -> float:
         with np.errstate(over="ignore", invalid="ignore"):
-            # -delta at each node, increasing towards 0 (pmf >= 0 up to FFT round-off).
-            self.neg_delta = np.exp(ts) * self.d2[:-1] - self.d1[:-1]
+            return float(self.d1[i] - math.exp(min(float(self.ts[i]), 700.0)) * self.d2[i])
 
     def delta(self, epsilon: Any) -> Any:
         e = np.asarray(epsilon, dtype=float)
@@ -41,7 +42,16 @@ class DiscretePRV:
         return np.nan_to_num(out, nan=1.0) if out.ndim else float(np.nan_to_num(out, nan=1.0))
 
     def epsilon(self, delta: float) -> float:
-        i = int(np.searchsorted(self.neg_delta, -delta, side="left"))
+        # The first node whose delta is at most ``delta`` (delta decreases along the nodes,
+        # up to FFT round-off): bisection, O(log n) node evaluations.
+        lo, hi = 0, self.ts.size
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._delta_at_node(mid) <= delta:
+                hi = mid
+            else:
+                lo = mid + 1
+        i = lo
         if i >= self.ts.size:
             raise AccountingError(
                 "the PRV grid is too narrow for this delta (epsilon beyond its domain); "

@@ -290,3 +290,14 @@ def test_prv_risk_profile_answers_long_runs():
     prv = attack_risk(events, fpr=0.01, accountant="prv")
     rdp = attack_risk(events, fpr=0.01, accountant="rdp")
     assert 0.01 < prv.tpr_upper <= rdp.tpr_upper
+
+
+def test_a_curve_queried_at_fewer_steps_matches_a_fresh_curve():
+    """One grid answers every step count up to its maximum (zero steps: epsilon 0)."""
+    from maskdp.accounting.prv import PRVCurve
+
+    curve = PRVCurve([(0.02, 1.0)], [400], eps_error=0.01, delta_error=1e-8)
+    assert curve.epsilon(1e-5, [0]) == (0.0, 0.0, 0.0)
+    fresh = prv_epsilon([PoissonGaussianEvent(0.02, 1.0, 100)], 1e-5, eps_error=0.01)
+    lower, _, upper = curve.epsilon(1e-5, [100])
+    assert lower <= fresh.epsilon_upper and fresh.epsilon_lower <= upper
