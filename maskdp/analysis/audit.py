@@ -229,7 +229,8 @@ def audit(
     records (materialised: keep it small). The mechanism: ``noise_multiplier``,
     ``max_grad_norm``, ``sample_rate`` (:math:`q`; the expected batch size is
     :math:`\max(1, \mathrm{round}(qN))`; ``sample_rate=1``, full batch, gives the strongest
-    audit), ``view``, ``engine``, ``protect_labels``, ``accountant`` (for
+    audit), ``view`` (default ``FillView(0.5)``: deterministic, the most powerful audit),
+    ``engine``, ``protect_labels``, ``accountant`` (for
     ``epsilon_theory``) and ``public_sample_rate`` (default :math:`q`; the independent
     public batch has the expected size :math:`B_{pub} = \max(1, \mathrm{round}(q_{pub} N))`
     and is drawn at :math:`B_{pub}/N`, as make_private draws it), as in

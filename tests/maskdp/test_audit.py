@@ -36,7 +36,7 @@ from maskdp.analysis.stats import (
 )
 from maskdp.checks import check_calibration, check_confidence, check_count, check_positive
 from maskdp.errors import InvalidInputError
-from maskdp.mechanism.views import DropView
+from maskdp.mechanism.views import DropView, FillView
 from maskdp.models import SmallVideoCNN, VideoViT
 from maskdp.settings import PrivacySettings
 
@@ -355,7 +355,9 @@ def test_settings_are_the_keywords() -> None:
     plan = {"steps": 2, "trials": 3, "seed": 2}
     keywords = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "engine": ENGINE}
     by_keywords = audit(tiny_cnn, (x, m, y), sample_rate=0.5, **keywords, **plan)
-    settings = PrivacySettings.build(sample_rate=0.5, expected_batch_size=2, **keywords)
+    settings = PrivacySettings.build(
+        sample_rate=0.5, expected_batch_size=2, view=FillView(0.5), **keywords
+    )  # the audit's default view (the library's default draws a random texture)
     by_settings = audit(tiny_cnn, (x, m, y), settings=settings, **plan)
     assert by_settings == by_keywords
     with pytest.raises(InvalidInputError, match="not both"):

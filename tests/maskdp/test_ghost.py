@@ -422,13 +422,9 @@ def test_masked_gradient_entry_point_and_auto():
     x, mask, y = clips(2)
     public = clips(3, seed=5)
     assert resolve_engine("ghost", model) is GhostEngine
-    got = masked_gradient(
-        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="ghost", public=public
-    )
-    want = masked_gradient(
-        model, nn.CrossEntropyLoss(), x, mask, y, max_grad_norm=CLIP, engine="reference",
-        public=public,
-    )  # fmt: skip
+    common = {"max_grad_norm": CLIP, "public": public, "view": FillView(0.5)}
+    got = masked_gradient(model, nn.CrossEntropyLoss(), x, mask, y, engine="ghost", **common)
+    want = masked_gradient(model, nn.CrossEntropyLoss(), x, mask, y, engine="reference", **common)
     assert_matches(got, want)
     # The public term is one plain backward over the public batch, whatever the engine.
     params = dict(model.named_parameters())
