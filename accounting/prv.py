@@ -42,6 +42,7 @@ from maskdp.accounting.errors import AccountingError, InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.loss_pairs import LossPair
 from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size, round_off_bound
+from maskdp.accounting.rdp import rdp_of_events
 from maskdp.accounting.relations import Relation, parse_relation
 
 MAX_NODES = 1 << 25
@@ -247,7 +248,10 @@ def _safe_half_width(
     from maskdp.accounting.conversions import _epsilons
 
     total = sum(steps)
-    per_step = [rdp_of_pair(p, _SAFE_ORDERS) for p in pairs]
+    per_step = [
+        rdp_of_events([PoissonGaussianEvent(p.q, p.sigma)], _SAFE_ORDERS, relation=p.relation)
+        for p in pairs
+    ]
     composed = sum(n * r for n, r in zip(steps, per_step, strict=True))
     with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -262,18 +266,6 @@ def _safe_half_width(
     if not math.isfinite(half):
         raise AccountingError("no finite RDP bound sizes the PRV grid (noise far too small)")
     return max(half, eps_error) + 3.0
-
-
-def rdp_of_pair(pair: LossPair, orders: np.ndarray) -> np.ndarray:
-    """RDP of one step of ``pair`` at ``orders`` (erase: exact; substitute: the antipodal
-    pair's quadrature)."""
-    if pair.relation is Relation.ERASE:
-        from maskdp.accounting.rdp import rdp_poisson_gaussian
-
-        return rdp_poisson_gaussian(pair.q, pair.sigma, orders)
-    from maskdp.accounting.rdp_substitute import rdp_substitute
-
-    return rdp_substitute(pair.q, pair.sigma, orders)
 
 
 def curve_for(
@@ -316,25 +308,12 @@ def default_eps_error(
     from maskdp.accounting.conversions import _minimise
     from maskdp.accounting.rdp import DEFAULT_ORDERS
 
-    merged = merge_events(events)
     relation = parse_relation(relation)
+    # The substitute pair's RDP is a quadrature: the coarse grid keeps it cheap.
+    orders = DEFAULT_ORDERS if relation is Relation.ERASE else _SAFE_ORDERS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        if relation is Relation.ERASE:
-            from maskdp.accounting.rdp import rdp_of_events
-
-            rdp = rdp_of_events(merged, DEFAULT_ORDERS)
-            orders = DEFAULT_ORDERS
-        else:
-            orders = _SAFE_ORDERS
-            rdp = sum(
-                (
-                    e.steps
-                    * rdp_of_pair(LossPair(e.sample_rate, e.noise_multiplier, relation), orders)
-                    for e in merged
-                ),
-                np.zeros(orders.size),
-            )
+        rdp = rdp_of_events(events, orders, relation=relation)
         scale = _minimise(orders, rdp, delta, "hypothesis-test").epsilon
     if not math.isfinite(scale):
         return 0.01
