@@ -78,11 +78,13 @@ LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("view=fill", {"view": "fill"}),
     ("view=random", {"view": "random"}),
     ("private_parameters=head", {"private_parameters": "head"}),
+    ("shrinkage=james-stein", {"shrinkage": "james-stein"}),
     ("private_weight=0.3", {"private_weight": 0.3}),
     ("private_weight=0 (public-only)", {"private_weight": 0.0}),
     ("temporal_centering off", {"temporal_centering": False}),
     ("public_batch_size=64 (= batch_size)", {"public_batch_size": 64}),
     ("public_epochs=0", {"public_epochs": 0.0}),
+    ("public_epochs=10", {"public_epochs": 10.0}),
 )
 
 
