@@ -234,19 +234,98 @@ def engine_names() -> list[str]:
 def resolve_engine(name: str, model: nn.Module) -> type[Engine]:
     """The engine class for ``name``; ``"auto"`` picks the preferred engine that supports it.
 
-    The one place where an engine name is interpreted.
+    The one place where an engine name is interpreted. ``"auto"`` decides here from
+    ``check_support`` alone; :func:`build_engine` also falls back at the first call.
     """
+    return _candidates(name, model)[0]
+
+
+def _candidates(name: str, model: nn.Module, autocast: bool = False) -> list[type[Engine]]:
+    """``[ENGINES[name]]`` after its check, or for ``"auto"`` every engine that supports the
+    model, preferred first (``reference`` never; with ``autocast``, autocast-safe ones)."""
     if check_engine_name(name) != "auto":
         ENGINES[name].check_support(model)
-        return ENGINES[name]
-    reasons = []
+        return [ENGINES[name]]
+    found, reasons = [], []
     for cls in sorted(ENGINES.values(), key=lambda c: c.priority):
         if cls.name == "reference":
+            continue
+        if autocast and not cls.autocast_safe:
+            reasons.append(f"{cls.name}: not autocast-safe")
             continue
         try:
             cls.check_support(model)
         except UnsupportedModelError as err:
             reasons.append(f"{cls.name}: {err}")
             continue
-        return cls
-    raise UnsupportedModelError("no engine supports this model: " + "; ".join(reasons))
+        found.append(cls)
+    if not found:
+        raise UnsupportedModelError("no engine supports this model: " + "; ".join(reasons))
+    return found
+
+
+def build_engine(
+    name: str, model: nn.Module, loss_fn: nn.Module | PerSampleLoss, *, autocast: bool = False
+) -> Engine:
+    """The engine ``name`` built for ``model``; ``"auto"`` gives an :class:`AutoEngine`."""
+    candidates = _candidates(name, model, autocast)
+    if name != "auto":
+        return candidates[0](model, loss_fn)
+    return AutoEngine(model, loss_fn, candidates)
+
+
+class AutoEngine(Engine):
+    """``engine="auto"``: the first engine, in preference order, that accepts the model
+    (``check_support``) *and* computes its first non-empty batch.
+
+    Some refusals can only show on a real batch (a per-frame CNN that folds time into the
+    batch, an in-place residual under Opacus hooks, a module the ghost engine cannot replay).
+    Every engine refuses all-or-nothing, before anything leaves ``compute``, and for reasons
+    of structure (shapes, hooks, in-place writes, replays checked on public rows), never of
+    sensitive values; all engines compute the same sums. So the batch is computed again by
+    the next engine, and the choice is kept from then on. :attr:`reasons` says why each
+    preferred engine was passed over.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | PerSampleLoss,
+        candidates: list[type[Engine]],
+    ) -> None:
+        self.model, self._loss_arg = model, loss_fn
+        self._candidates = list(candidates)
+        self.reasons: list[str] = []
+        self.engine: Engine = self._candidates.pop(0)(model, loss_fn)
+        self.loss_fn = self.engine.loss_fn
+        self._settled = False
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.engine.name
+
+    @property
+    def autocast_safe(self) -> bool:  # type: ignore[override]
+        return self.engine.autocast_safe
+
+    def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
+        while True:
+            try:
+                result = self.engine.compute(batch, max_grad_norm=max_grad_norm)
+            except UnsupportedModelError as err:
+                if self._settled or not self._candidates:
+                    raise
+                self.reasons.append(f"{self.engine.name}: {err}")
+                self.engine.close()
+                self.engine = self._candidates.pop(0)(self.model, self._loss_arg)
+                self.loss_fn = self.engine.loss_fn
+                continue
+            self._settled = self._settled or len(batch) > 0
+            return result
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __repr__(self) -> str:
+        why = f"; passed over {'; '.join(self.reasons)}" if self.reasons else ""
+        return f"AutoEngine(chose {self.engine.name!r}{why})"

@@ -28,7 +28,7 @@ from maskdp.engines.base import (
     MaskedBatch,
     PerSampleLoss,
     accumulation_dtype,
-    resolve_engine,
+    build_engine,
     trainable_parameters,
 )
 from maskdp.engines.probe import ModelGuard
@@ -208,7 +208,7 @@ def masked_gradient(
     batch = make_batch(
         view, inputs, mask, targets, protect_labels=protect_labels, present=present, guard=guard
     )
-    engine_impl = resolve_engine(engine, model)(model, loss_fn)
+    engine_impl = build_engine(engine, model, loss_fn)
     with guard.watch():
         try:
             clipped = engine_impl.compute(batch, max_grad_norm=clip)

@@ -1,4 +1,5 @@
-"""Video models: a ViT with the token-drop protocol, a small 3D CNN, and ``prepare``."""
+"""Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, and an
+adapter for Hugging Face video classifiers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ _EXPORTS: dict[str, str] = {
     "SmallVideoCNN": "maskdp.models.cnn",
     "prepare": "maskdp.models.preparation",
     "PrepareReport": "maskdp.models.preparation",
+    "from_huggingface": "maskdp.models.adapters",
+    "HuggingFaceVideo": "maskdp.models.adapters",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports("maskdp.models", _EXPORTS, globals())

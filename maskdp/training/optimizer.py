@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from maskdp.accounting.ledger import PrivacyLedger
-from maskdp.engines.base import Engine, PerSampleLoss, resolve_engine
+from maskdp.engines.base import Engine, PerSampleLoss, build_engine, resolve_engine
 from maskdp.engines.probe import ModelGuard
 from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError, UnsupportedModelError
@@ -118,8 +118,9 @@ class MaskDPOptimizer(OptimizerWrapper):
         super().__init__(optimizer, model)
         self._randomness = check_randomness(randomness)
         self._model = model
+        autocast = self.settings.autocast is not None
         engine_cls = resolve_engine(self.settings.engine, model)
-        if self.settings.autocast is not None and not engine_cls.autocast_safe:
+        if autocast and self.settings.engine != "auto" and not engine_cls.autocast_safe:
             raise UnsupportedModelError(
                 f"engine {engine_cls.name!r} does not keep the clipping bound under autocast "
                 "(it reduces in low precision); pass engine='hooks', 'vmap' or 'reference'"
@@ -129,7 +130,9 @@ class MaskDPOptimizer(OptimizerWrapper):
         #: Names of the parameters that get the private term (:mod:`maskdp.mechanism.subset`).
         self._private_names = resolve_private_parameters(model, self.settings.private_parameters)
         with private_subset(model, self._private_names):
-            self._engine: Engine = engine_cls(model, loss_fn)
+            self._engine: Engine = build_engine(
+                self.settings.engine, model, loss_fn, autocast=autocast
+            )
         self._guard = ModelGuard(model)
 
         self._spent = PrivacySpent(self.settings)

@@ -17,7 +17,7 @@ from maskdp.models import SmallVideoCNN, VideoViT, prepare
 
 ENGINES = ("ghost", "hooks", "vmap", "reference")
 NO_HOOKS = ("ghost", "vmap", "reference")  # in-place residuals (out += identity): Opacus refuses
-GENERIC = ("vmap", "reference")  # layers without a ghost rule or an Opacus sampler
+REPLAYED = ("ghost", "vmap", "reference")  # raw parameters, attention: Opacus refuses
 
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
@@ -36,7 +36,7 @@ TABLE: dict[str, tuple[Callable[[], nn.Module], tuple[str, ...], str]] = {
     "SmallVideoCNN": (lambda: SmallVideoCNN(num_classes=3, width=4), ENGINES, "ghost"),
     "r3d_18": (_torchvision("r3d_18"), NO_HOOKS, "ghost"),
     "r2plus1d_18": (_torchvision("r2plus1d_18"), NO_HOOKS, "ghost"),
-    "swin3d_t": (_torchvision("swin3d_t"), GENERIC, "vmap"),
+    "swin3d_t": (_torchvision("swin3d_t"), REPLAYED, "ghost"),
 }  # fmt: skip
 
 

@@ -513,8 +513,8 @@ def test_subclass_keeping_forward_inherits_rule():
             return 2 * super().forward(x)
 
     assert rule_for(Conv3DSimple) is RULES[nn.Conv3d]
-    with pytest.raises(UnsupportedModelError, match=r"0.*ScaledLinear.*engine='vmap'"):
-        plan_layers(nn.Sequential(ScaledLinear(3, 3)))
+    assert rule_for(ScaledLinear) is None  # replayed instead (test_ghost_replay.py)
+    assert plan_layers(nn.Sequential(ScaledLinear(3, 3)))[0].rule.replays
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -530,12 +530,14 @@ class _RawParameter(nn.Module):
         return self.proj(x) * self.scale
 
 
-def test_refuses_raw_parameter_with_path():
-    model = nn.Sequential(nn.Linear(4, 4), _RawParameter())
-    with pytest.raises(UnsupportedModelError, match=r"1: _RawParameter.*'scale'.*engine='vmap'"):
-        GhostEngine.check_support(model)
+def test_raw_parameter_below_the_root_is_replayed_and_refused_at_the_root():
+    layers = plan_layers(nn.Sequential(nn.Linear(4, 4), _RawParameter()))
+    assert [(layer.path, layer.rule.replays) for layer in layers] == [("0", False), ("1", True)]
+    assert sorted(layers[1].names.values()) == ["1.proj.bias", "1.proj.weight", "1.scale"]
+    with pytest.raises(UnsupportedModelError, match=r"<root>: _RawParameter.*'scale'.*vmap"):
+        GhostEngine.check_support(_RawParameter())
     with pytest.raises(UnsupportedModelError):
-        resolve_engine("ghost", model)
+        resolve_engine("ghost", _RawParameter())
 
 
 def test_refuses_lstm_with_path():

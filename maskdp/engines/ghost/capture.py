@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from maskdp.engines.ghost.rules import LayerRule
+from maskdp.engines.ghost.functional import Replay, first_tensor, is_replaying
+from maskdp.engines.ghost.rules import FIX, LayerRule
 from maskdp.errors import UnsupportedModelError
 
-FIX = "use engine='vmap' (torch.func handles any layer)"
+__all__ = ["FIX", "Call", "Capture", "Layer", "analyse_graph"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Call:
     input_nodes: tuple[Node, ...]
     output: tuple[tuple[int, ...], Any, Any]  # shape, dtype, device of the output
     grad: Tensor | None = None
+    replay: Replay | None = None  # the call's structure, for rules that replay it
+    result: Tensor | None = None  # its (first) output, detached, for rules that replay it
 
 
 @dataclass
@@ -90,13 +93,25 @@ class Capture:
     def _forward_hook(
         self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
+        if is_replaying():  # a per-module rule calling the module again: not a pass
+            return
         layer, calls = self.layers[index], self.calls[index]
         if self.current in calls:
             raise UnsupportedModelError(
                 f"{layer.label} is called more than once per forward pass (weight sharing "
                 f"or reuse); the ghost engine needs one call per module; {FIX}"
             )
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        replay = None
+        if layer.rule.replays:
+            replay, found = Replay.of_call(module, args, kwargs, layer.label)
+            tensors = list(found)
+            output, others = first_tensor(output)
+            for other in others:
+                if other.requires_grad:
+                    other.register_hook(partial(self._unused_output, layer))
+        else:
+            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        inputs = tuple(t.detach() for t in tensors)
         expected = layer.rule.inputs
         if expected is not None and len(tensors) != expected:
             raise UnsupportedModelError(
@@ -108,7 +123,6 @@ class Capture:
                 f"{layer.label} returned {type(output).__name__}, the ghost engine needs a "
                 f"tensor output; {FIX}"
             )
-        inputs = tuple(t.detach() for t in tensors)
         edge = None
         if output.requires_grad:
             edge = get_gradient_edge(output)
@@ -119,6 +133,15 @@ class Capture:
             edge=edge,
             input_nodes=tuple(get_gradient_edge(t).node for t in tensors if t.requires_grad),
             output=(tuple(output.shape), output.dtype, output.device),
+            replay=replay,
+            result=output.detach() if replay is not None else None,
+        )
+
+    @staticmethod
+    def _unused_output(layer: Layer, grad: Tensor) -> None:
+        raise UnsupportedModelError(
+            f"{layer.label}: the loss uses an output other than its first (e.g. attention "
+            f"weights); the per-module rule differentiates the first output only; {FIX}"
         )
 
     def _grad_hook(self, index: int, name: str, grad: Tensor) -> None:

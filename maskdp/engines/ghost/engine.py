@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from maskdp.engines.base import (
     ClippedSum,
@@ -46,6 +47,7 @@ from maskdp.engines.base import (
     register_engine,
 )
 from maskdp.engines.ghost.capture import FIX, Capture, Layer, analyse_graph
+from maskdp.engines.ghost.functional import PER_MODULE_RULE
 from maskdp.engines.ghost.reducer import FULL, PUBLIC, STACKED, Reducer, Workspace
 from maskdp.engines.ghost.registry import rule_for
 from maskdp.engines.ghost.rules import Mode
@@ -59,14 +61,22 @@ def plan_layers(model: nn.Module) -> list[Layer]:
     """The layers of ``model`` the ghost engine handles; raise if a parameter is not covered.
 
     Every trainable parameter must be a direct parameter of exactly one module with a rule
-    (:func:`~maskdp.engines.ghost.registry.rule_for`).
+    (:func:`~maskdp.engines.ghost.registry.rule_for`). A module below the root that owns
+    parameters without a rule gets the per-module rule
+    (:mod:`maskdp.engines.ghost.functional`) for its whole subtree, children included: such
+    forwards often use a child's weight without calling the child
+    (``nn.MultiheadAttention`` and torchvision's window attention call ``F.linear`` on it).
     """
     layers: list[Layer] = []
     problems: list[str] = []
     unruled: dict[str, list[str]] = {}
     owners: dict[int, str] = {}
+    wholes = _whole_modules(model)
     for path, module in model.named_modules():
-        direct = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if any(path.startswith(whole + ".") for whole in wholes):
+            continue  # inside a whole module: its replay covers these parameters
+        whole = path in wholes
+        direct = {k: p for k, p in module.named_parameters(recurse=whole) if p.requires_grad}
         if not direct:
             continue
         label = f"{path or '<root>'} ({type(module).__name__})"
@@ -77,7 +87,7 @@ def plan_layers(model: nn.Module) -> list[Layer]:
                     "(weight sharing); the ghost engine needs one owner per parameter"
                 )
             owners[id(param)] = label
-        rule = rule_for(type(module))
+        rule = PER_MODULE_RULE if whole else rule_for(type(module))
         if rule is None:
             key = f"{type(module).__name__} (parameters {sorted(direct)})"
             unruled.setdefault(key, []).append(path or "<root>")
@@ -93,14 +103,36 @@ def plan_layers(model: nn.Module) -> list[Layer]:
     for key, paths in unruled.items():
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         problems.append(
-            f"{shown}: {key} has no ghost rule (a layer type without a rule, or a raw "
-            "nn.Parameter used in a parent module's own forward)"
+            f"{shown}: {key} has no ghost rule"
+            + (
+                " (raw parameters in the model's own forward: the per-module rule would "
+                "replay the whole model; move them into a submodule, e.g. one that adds the "
+                "positional table or concatenates the cls token)"
+                if paths == ["<root>"]
+                else ""
+            )
         )
     if problems:
         raise UnsupportedModelError(
             "ghost engine cannot handle this model: " + "; ".join(problems) + f"; {FIX}"
         )
     return layers
+
+
+def _whole_modules(model: nn.Module) -> set[str]:
+    """Paths of the outermost non-root modules that own trainable parameters no rule covers
+    (never BatchNorm, which mixes records and :func:`~maskdp.engines.validate.validate_model`
+    refuses, nor recurrent layers, sequence first and outside ``vmap``'s reach)."""
+    found: set[str] = set()
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(whole + ".") for whole in found):
+            continue
+        if isinstance(module, (_BatchNorm, nn.RNNBase)):
+            continue
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        if owns and rule_for(type(module)) is None:
+            found.add(path)
+    return found
 
 
 def stackable(full: ModelInput, public: ModelInput) -> bool:

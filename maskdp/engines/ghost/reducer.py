@@ -108,12 +108,19 @@ class Reducer:
         return layer_result(layer.rule, layer.module, pair, frozenset(layer.names), mode)
 
     def _stacked(self, index: int, layer: Layer, call: Call) -> None:
-        n, both = self.n, self._pass(layer, call, 2 * self.n)
-        pair = Pair(
-            Pass(tuple(t[:n] for t in both.inputs), both.grad[:n]),
-            Pass(tuple(t[n:] for t in both.inputs), both.grad[n:]),
-            stacked=both,
-        )
+        n, both = self.n, self._pass(layer, call, 2 * self.n, public_from=self.n)
+        in_dims, out_dim = _dims(call)
+
+        def half(start: int) -> Pass:
+            inputs = tuple(
+                t if d is None else t.narrow(d, start, n)
+                for t, d in zip(both.inputs, in_dims, strict=True)
+            )
+            grad = both.grad.narrow(out_dim, start, n)
+            result = (0, both.result[1]) if start and both.result is not None else None
+            return Pass(inputs, grad, replay=both.replay, result=result)
+
+        pair = Pair(half(0), half(n), stacked=both)
         self._finish(index, self._result(layer, pair, self.mode))
 
     def _first(self, index: int, layer: Layer, calls: dict[str, Call]) -> None:
@@ -128,7 +135,7 @@ class Reducer:
 
     def _second(self, index: int, layer: Layer, calls: dict[str, Call]) -> None:
         """Sequential public pass: complete the layer started in the full pass."""
-        public = self._pass(layer, calls[PUBLIC], self.n)
+        public = self._pass(layer, calls[PUBLIC], self.n, public_from=0)
         if index in self.partial:
             names = frozenset(layer.names)
             per_sample = layer.rule.per_sample(layer.module, public, names)
@@ -171,17 +178,21 @@ class Reducer:
             f"same layers in the full and public passes; {FIX}"
         )
 
-    def _pass(self, layer: Layer, call: Call, size: int) -> Pass:
+    def _pass(self, layer: Layer, call: Call, size: int, public_from: int | None = None) -> Pass:
         """The call as a :class:`Pass`; low-precision activations (autocast) are upcast to
         the parameters' dtype promoted to float32, so that norms and sums are computed in
-        float32 or wider whatever the model's dtype."""
+        float32 or wider whatever the model's dtype. ``public_from``: the first row of
+        public content, whose recorded output a replaying rule checks itself against
+        (:func:`~maskdp.engines.ghost.functional.check_reproduced`); None for the full pass,
+        whose output is never compared (nothing may raise on sensitive content)."""
         if call.grad is None:
             raise RuntimeError(f"{layer.label}: reduced before its output gradient arrived")
-        for t in (*call.inputs, call.grad):
-            if t.dim() == 0 or t.shape[0] != size:
+        in_dims, out_dim = _dims(call)
+        for t, d in zip((*call.inputs, call.grad), (*in_dims, out_dim), strict=True):
+            if d is not None and (t.dim() <= d or t.shape[d] != size):
                 raise UnsupportedModelError(
-                    f"{layer.label}: expected batch-first tensors with {size} samples, got "
-                    f"shape {tuple(t.shape)}; {FIX}"
+                    f"{layer.label}: expected tensors with {size} samples in dimension {d}, "
+                    f"got shape {tuple(t.shape)}; {FIX}"
                 )
         dtype = accumulation_dtype(layer.dtype)
         inputs = tuple(
@@ -189,4 +200,16 @@ class Reducer:
         )
         grad = call.grad if call.grad.dtype == dtype else call.grad.to(dtype)
         node = call.edge.node if call.edge is not None else None
-        return Pass(inputs, grad, node, self.workspace)
+        result = None
+        if public_from is not None and call.result is not None:
+            out_dim = _dims(call)[1]
+            result = (public_from, call.result.narrow(out_dim, public_from, size - public_from))
+        return Pass(inputs, grad, node, self.workspace, call.replay, result)
+
+
+def _dims(call: Call) -> tuple[tuple[int | None, ...], int]:
+    """Batch dimension of each captured input and of the output gradient (0 unless the
+    call's replay says otherwise)."""
+    if call.replay is not None:
+        return call.replay.in_dims, call.replay.out_dim
+    return tuple(0 for _ in call.inputs), 0

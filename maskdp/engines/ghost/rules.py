@@ -50,6 +50,9 @@ from torch import Tensor, nn
 
 Mode = Literal["auto", "ghost", "instantiate"]
 
+#: The fix every refusal of the ghost engine suggests.
+FIX = "use engine='vmap' (torch.func handles any layer)"
+
 #: ``"auto"`` uses the ghost branch when per-sample gradients would take this many times
 #: the memory of the rows (activations and output gradients) the ghost branch keeps.
 GHOST_MEMORY_RATIO = 4
@@ -67,10 +70,14 @@ class Pass:
     grad: Tensor
     node: Any = None
     alloc: Callable[[tuple[int, ...], Tensor], Tensor] | None = None
+    #: The call, for rules that replay it (:mod:`.functional`), and ``(first row, output
+    #: rows)`` of the recorded output of its public rows (None: no public rows).
+    replay: Any = None
+    result: tuple[int, Tensor] | None = None
 
     @property
     def n(self) -> int:
-        return int(self.grad.shape[0])
+        return int(self.grad.shape[0 if self.replay is None else self.replay.out_dim])
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,9 @@ class LayerRule:
     prefers_ghost: PrefersGhost | None = None
     refusal: Callable[[nn.Module], str | None] = lambda module: None
     inputs: int | None = 1
+    #: Whether the rule replays the module's call (:mod:`.functional`): the capture then
+    #: records the call's structure and accepts several outputs (the first is used).
+    replays: bool = False
     #: Optional faster instantiation of a whole pair (same result as the generic one).
     instantiate: PairRule | None = None
 
