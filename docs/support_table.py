@@ -1,7 +1,8 @@
 """Measure which engine computes MaskDP gradients for which video model: docs/models.md's table.
 
-For each model (MaskDP's own and torchvision's video classifiers, randomly initialised), at
-the smallest input of a short list that the model accepts, the script
+For each model (MaskDP's own, torchvision's and Hugging Face's video classifiers, and three
+hand-written transformers, randomly initialised), at the smallest input of a short list that
+the model accepts, the script
 
 1. runs :func:`maskdp.models.prepare` (BatchNorm -> GroupNorm, in-place activations off)
    and puts the model in eval mode (dropout and stochastic depth would make every call,
@@ -10,7 +11,9 @@ the smallest input of a short list that the model accepts, the script
    sensitive box (the same clips serve as the public batch), once per engine: the engine either computes the gradient (``ok``, timed,
    and compared with the ``reference`` engine's per-sample loop) or refuses the model with
    :class:`~maskdp.errors.UnsupportedModelError` (its one-line reason is recorded);
-3. records which engine ``engine="auto"`` picks.
+3. records which engine ``engine="auto"`` ends on after the first batch, and the time of the
+   non-private floor (three plain forward and backward passes: full clips, public view,
+   public batch) to compare it with.
 
 Models listed in ``CHECK_ONLY`` are too slow for one CPU thread at the only input they
 accept (``s3d`` and ``mvit_v2_s``: 16 x 224 x 224): only each engine's ``check_support``
@@ -71,6 +74,109 @@ def _maskdp(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _huggingface(name: str) -> Callable[[], nn.Module]:
+    """A small random-init Hugging Face classifier (2 layers, width 64) for 8 x 32 x 32 clips."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        from maskdp.models import from_huggingface
+
+        small = dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=NUM_CLASSES
+        )
+        mlp = dict(intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        configs = {
+            "VideoMAE": lambda: transformers.VideoMAEConfig(
+                image_size=32, patch_size=8, num_frames=8, tubelet_size=2, **small, **mlp
+            ),
+            "Vivit": lambda: transformers.VivitConfig(
+                image_size=32, tubelet_size=[2, 8, 8], num_frames=8, **small, **mlp
+            ),
+            "Timesformer": lambda: transformers.TimesformerConfig(
+                image_size=32, patch_size=8, num_frames=8, **small, **mlp
+            ),
+            "VJEPA2": lambda: transformers.VJEPA2Config(
+                patch_size=8,
+                crop_size=32,
+                frames_per_clip=8,
+                tubelet_size=2,
+                mlp_ratio=2.0,
+                num_pooler_layers=1,
+                pred_hidden_size=64,
+                pred_num_attention_heads=4,
+                pred_num_hidden_layers=1,
+                **small,
+            ),  # fmt: skip
+        }
+        model_class = getattr(transformers, f"{name}ForVideoClassification")
+        return from_huggingface(model_class(configs[name]()))
+
+    return build
+
+
+class _Tokens(nn.Module):
+    """Tubelet tokens (8 x 8 x 2) of width 64 with a learnt positional table added."""
+
+    def __init__(self, tokens: int = 64, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Conv3d(3, dim, (2, 8, 8), stride=(2, 8, 8))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x).flatten(2).transpose(1, 2) + self.pos
+
+
+class EncoderClassifier(nn.Module):
+    """Conv3d tubelets + nn.TransformerEncoder (2 layers) + mean pooling."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.tokens = _Tokens()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.tokens(x)).mean(1))
+
+
+class AttentionClassifier(nn.Module):
+    """nn.MultiheadAttention called directly (sequence first, its default), one block."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.tokens = _Tokens()
+        self.attn = nn.MultiheadAttention(64, 4)
+        self.norm = nn.LayerNorm(64)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        s = t.transpose(0, 1)  # the attention alone runs sequence first
+        t = t + self.attn(s, s, s, need_weights=False)[0].transpose(0, 1)
+        return self.head(self.norm(t).mean(1))
+
+
+class RootTokenClassifier(nn.Module):
+    """A raw cls token concatenated in the model's own forward (the root)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.tokens = _Tokens()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 64))
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        return self.head(self.encoder(t)[:, 0])
+
+
+EIGHT = ((8, 32, 32),)  # the transformers above are built for 8 x 32 x 32 clips
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, int, int], ...]]] = {
     # VideoViT's positional embedding fixes its input at frames=8, image_size=32 (defaults).
     "VideoViT": (_maskdp("VideoViT"), ((8, 32, 32),)),
@@ -82,6 +188,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, int, int], ...
     "s3d": (_torchvision("s3d"), ((16, 224, 224),)),
     "swin3d_t": (_torchvision("swin3d_t"), CANDIDATE_INPUTS),
     "mvit_v2_s": (_torchvision("mvit_v2_s"), ((16, 224, 224),)),
+    "VideoMAE (HF)": (_huggingface("VideoMAE"), EIGHT),
+    "ViViT (HF)": (_huggingface("Vivit"), EIGHT),
+    "TimeSformer (HF)": (_huggingface("Timesformer"), EIGHT),
+    "V-JEPA 2 (HF)": (_huggingface("VJEPA2"), EIGHT),
+    "Conv3d + nn.TransformerEncoder": (EncoderClassifier, EIGHT),
+    "nn.MultiheadAttention": (AttentionClassifier, EIGHT),
+    "raw cls token in the root": (RootTokenClassifier, EIGHT),
 }
 
 
@@ -112,6 +225,7 @@ class Row:
     auto: str
     cells: dict[str, Cell] = field(default_factory=dict)
     note: str = ""
+    floor: float | None = None  # seconds of three plain forward and backward passes
 
 
 def _ms(seconds: float | None) -> str:
@@ -166,7 +280,13 @@ def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
 
     build, candidates = MODELS[name]
     torch.manual_seed(0)
-    model, changes = prepare(build())
+    try:
+        built = build()
+    except ImportError as err:
+        row = Row(name, None, 0, 0, "-")
+        row.note = f"not measured: {err} (pip install 'maskdp[test]')"
+        return row
+    model, changes = prepare(built)
     model.eval()  # dropout and stochastic depth off: every engine must see the same function
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
@@ -202,11 +322,7 @@ def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
     for engine in ["reference", *[e for e in engines if e != "reference"]]:
         try:
             result = run(engine)  # warm-up, and the numbers checked against the reference
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                run(engine)
-                times.append(time.perf_counter() - start)
+            times = _step_times(engine, model, loss, x, mask, y, reps)
         except UnsupportedModelError as err:
             row.cells[engine] = Cell("refused", reason=_one_line(err))
             continue
@@ -219,7 +335,66 @@ def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
         row.cells[engine] = Cell("ok", statistics.median(times), error)
         if error is not None and error > FLOAT64_RECHECK:
             row.cells[engine].reason = _float64_recheck(model, loss, x, mask, y, engine, error)
+    row.auto = _auto_choice(model, loss, x, mask, y)
+    row.floor = _floor(model, loss, x, reps)
     return row
+
+
+def _step_times(engine: str, model: nn.Module, loss: nn.Module, x, mask, y, reps: int) -> list:
+    """Seconds of ``reps`` steps of one built engine: the view, the private batch's clipped
+    sum and the public batch's gradient (what ``masked_gradient`` does after set-up)."""
+    from maskdp.engines.base import build_engine
+    from maskdp.mechanism.gradient import make_batch, public_gradient
+    from maskdp.mechanism.views import FillView
+
+    view, impl = FillView(0.0), build_engine(engine, model, loss)
+    times = []
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            impl.compute(make_batch(view, x, mask, y), max_grad_norm=1.0)
+            public_gradient(model, impl.loss_fn, view, (x, mask, y))
+            times.append(time.perf_counter() - start)
+    finally:
+        impl.close()
+    return times
+
+
+def _auto_choice(model: nn.Module, loss: nn.Module, x, mask, y) -> str:
+    """The engine ``engine="auto"`` ends on once it has computed a first batch."""
+    from maskdp.engines.base import build_engine
+    from maskdp.errors import UnsupportedModelError
+    from maskdp.mechanism.gradient import make_batch
+    from maskdp.mechanism.views import FillView
+
+    try:
+        engine = build_engine("auto", model, loss)
+        try:
+            engine.compute(make_batch(FillView(0.0), x, mask, y), max_grad_norm=1.0)
+        finally:
+            engine.close()
+    except UnsupportedModelError:
+        return "none"
+    return engine.name
+
+
+def _floor(model: nn.Module, loss: nn.Module, x, reps: int) -> float:
+    """Median seconds of the non-private floor: three plain forward and backward passes of
+    the batch (full clips, public view, public batch), as one MaskDP step has."""
+    y = torch.arange(len(x)) % NUM_CLASSES
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def plain() -> None:
+        for _ in range(3):
+            torch.autograd.grad(loss(model(x), y), params, allow_unused=True)
+
+    plain()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        plain()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _float64_recheck(model, loss, x, mask, y, engine: str, error: float) -> str:
@@ -265,16 +440,21 @@ def render(rows: list[Row], *, reps: int) -> str:
         "through `maskdp.models.prepare` and put in eval mode (no dropout or stochastic "
         f"depth, so that every engine computes the same function); a batch of {BATCH} clips (3 channels) with a "
         "sensitive box over the central half of every frame, `FillView(0.0)`, clipping norm 1. "
-        f"Time: median of {reps} calls of `masked_gradient` (engine set-up included) on a "
-        "shared CPU: compare within a row, not across machines. Every `ok` engine matches "
+        f"Time: median of {reps} steps of a built engine (the view, the private batch's "
+        "clipped sum, the public batch's gradient; set-up excluded) on a "
+        "shared CPU: compare within a row, not across machines; the non-private floor is "
+        "three plain forward and backward passes of the same batch (what one step computes "
+        "without privacy), and `auto` / floor is the chosen engine's time over it. `auto` "
+        "ends on the engine that computed a first batch (docs/models.md, above). Hugging "
+        "Face models: 2 layers of width 64 through `from_huggingface`. Every `ok` engine matches "
         "the `reference` per-sample loop (largest relative difference of the public and "
         "private sums in the last column; above 1e-4 the engine is rerun in float64 to tell "
         "rounding from a wrong gradient, see the notes).",
         "",
-        "| model | input T x H x W | parameters | `prepare` changes | `auto` picks | "
+        "| model | input T x H x W | parameters | `prepare` changes | `auto` ends on | "
         + " | ".join(engines)
-        + " | max rel. diff vs reference |",
-        "|---|---|---:|---:|---|" + "---|" * len(engines) + "---:|",
+        + " | non-private floor | `auto` / floor | max rel. diff vs reference |",
+        "|---|---|---:|---:|---|" + "---|" * len(engines) + "---:|---:|---:|",
     ]
     notes = []
     for row in rows:
@@ -290,9 +470,13 @@ def render(rows: list[Row], *, reps: int) -> str:
                 notes.append(f"- `{row.model}` / `{engine}`{status}: {cell.reason}")
         if row.note:
             notes.append(f"- `{row.model}`: {row.note}.")
+        chosen = row.cells.get(row.auto)
+        ratio = "-"
+        if row.floor and chosen is not None and chosen.seconds is not None:
+            ratio = f"{chosen.seconds / row.floor:.2f}x"
         lines.append(
             f"| `{row.model}` | {shape} | {row.parameters / 1e6:.2f}M | {row.changes} | "
-            f"`{row.auto}` | " + " | ".join(cells) + f" | {worst} |"
+            f"`{row.auto}` | " + " | ".join(cells) + f" | {_ms(row.floor)} | {ratio} | {worst} |"
         )
     if notes:
         lines += [

@@ -222,6 +222,10 @@ class Run:
             "sample_rate": self.plan.sample_rate,
             "accuracy": accuracy(self.model, self.test_set),
             "masked_accuracy": self._masked_accuracy(),
+            "accountant": self.config.accountant if self.optimizer is not None else None,
+            "relation": self.config.relation if self.optimizer is not None else None,
+            # The engine that computes the private steps (engine="auto": the one it chose).
+            "engine": self.optimizer.engine.name if self.optimizer is not None else None,
         }
 
 

@@ -289,6 +289,14 @@ def test_train_result_is_frozen_and_is_metrics_json(tmp_path: Path) -> None:
     assert list(result.to_dict()) == [f.name for f in dataclasses.fields(TrainResult)]
     assert json.loads((tmp_path / "run" / METRICS).read_text()) == result.to_dict()
     assert result.run_dir == str(tmp_path / "run") and result.train_seconds >= 0
+    # How epsilon was computed and which engine computed the steps are named.
+    assert (result.accountant, result.relation) == ("rdp", "erase")
+    assert result.engine == "ghost"  # VideoViT: auto picks and keeps the ghost engine
+
+
+def test_non_private_result_names_no_accountant_or_engine(tmp_path: Path) -> None:
+    result = train(build_config(**TINY, mode="nonprivate"), tmp_path / "run")
+    assert (result.epsilon, result.accountant, result.relation, result.engine) == (None,) * 4
 
 
 def test_cli_train_has_one_option_per_config_field() -> None:
