@@ -31,7 +31,6 @@ are clamped at 0.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,7 +41,7 @@ from maskdp.accounting.errors import AccountingError, InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.loss_pairs import LossPair
 from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size, round_off_bound
-from maskdp.accounting.rdp import rdp_of_events
+from maskdp.accounting.prv_grid import default_eps_error, safe_half_width
 from maskdp.accounting.relations import Relation, parse_relation
 
 MAX_NODES = 1 << 25
@@ -101,7 +100,7 @@ class PRVCurve:
         self.relation = parse_relation(relation)
         pairs = [LossPair(q, s, self.relation) for q, s in mechanisms]
         total = sum(self.max_steps)
-        half_width = _safe_half_width(
+        half_width = safe_half_width(
             pairs, self.max_steps, eps_error=eps_error, delta_error=delta_error
         )
         mesh = eps_error / math.sqrt(total / 2.0 * math.log(12.0 / delta_error))
@@ -122,8 +121,32 @@ class PRVCurve:
             pmf, shift = discretise(pair, -k * mesh, mesh, size)
             self._pmfs.append(pmf)
             self._shifts.append(shift)
+        self._check_drift(half_width)
         self._spectra: dict[Any, list[Any]] = {}
         self._cache: tuple[tuple[tuple[int, ...], Any], DiscretePRV] | None = None
+
+    def _check_drift(self, half_width: float) -> None:
+        r"""Refuse a mesh so coarse that the composition leaves its grid.
+
+        The FFT composes the steps' laws *on the grid*, before their mean-correcting shifts
+        (:func:`~maskdp.accounting.prv_discrete.discretise`): the sum of N cell indices has
+        mean :math:`\sum_i N_i \bar t_i` (:math:`\bar t_i` the unshifted discrete mean).
+        With a fine mesh that is about the composed mean, well inside :math:`[-L, L]`; with
+        a mesh coarse against one step's losses (10^9 steps at an eps_error in the
+        thousands) each step's rounding bias adds up past :math:`L`, the circular
+        convolution wraps around, and the answer would be meaningless (it read 0).
+        """
+        grid = (np.arange(self.size) - self._k) * self.mesh
+        drift = sum(
+            n * float(np.dot(grid, pmf)) for n, pmf in zip(self.max_steps, self._pmfs, strict=True)
+        )
+        if abs(drift) > half_width - 3.0:
+            raise AccountingError(
+                f"the PRV grid's mesh ({self.mesh:.3g}, from eps_error={self.eps_error:g}) is "
+                f"too coarse for {sum(self.max_steps)} steps: their rounding drifts by "
+                f"{drift:.3g}, past the grid's half-width {half_width:.3g}; pass a smaller "
+                "eps_error or use the rdp accountant"
+            )
 
     def _key(self, steps: Sequence[int] | None) -> tuple[int, ...]:
         key = self.max_steps if steps is None else tuple(int(n) for n in steps)
@@ -218,56 +241,6 @@ class PRVCurve:
         return np.clip(f_n.delta(e) + self.delta_error + f_n.rounding, 0.0, 1.0)
 
 
-_SAFE_ORDERS = np.unique(
-    np.concatenate(
-        [
-            [1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75],
-            np.arange(2.0, 17.0),
-            np.round(np.geomspace(18, 4096, 25)),
-        ]
-    )
-)
-"""Orders that size the PRV grid: few fractional ones (their quadrature is the costly part)."""
-
-
-def _safe_half_width(
-    pairs: Sequence[LossPair],
-    steps: Sequence[int],
-    *,
-    eps_error: float,
-    delta_error: float,
-) -> float:
-    r"""Half-width L of the PRV grid: Gopi et al. 2021, Remark 5.6, as in prv-accountant's
-    ``compute_safe_domain_size``, with our RDP of the pair (on a coarse order grid: any valid
-    RDP bound serves, a looser one only widens the grid).
-
-    :math:`L = \max(\varepsilon_{RDP}(\text{all}; \delta_e/4),
-    \max_i \varepsilon_{RDP}(\text{one step of } i; \delta_e/(8N)), \varepsilon_e) + 3`,
-    with the hypothesis-test conversion.
-    """
-    from maskdp.accounting.conversions import _epsilons
-
-    total = sum(steps)
-    per_step = [
-        rdp_of_events([PoissonGaussianEvent(p.q, p.sigma)], _SAFE_ORDERS, relation=p.relation)
-        for p in pairs
-    ]
-    composed = sum(n * r for n, r in zip(steps, per_step, strict=True))
-    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        half = float(
-            np.min(
-                _epsilons(_SAFE_ORDERS, composed, math.log(delta_error / 4.0), "hypothesis-test")
-            )
-        )
-        for r in per_step:
-            one = _epsilons(_SAFE_ORDERS, r, math.log(delta_error / 8.0 / total), "hypothesis-test")
-            half = max(half, float(np.min(one)))
-    if not math.isfinite(half):
-        raise AccountingError("no finite RDP bound sizes the PRV grid (noise far too small)")
-    return max(half, eps_error) + 3.0
-
-
 def curve_for(
     events: Sequence[PoissonGaussianEvent],
     *,
@@ -288,36 +261,6 @@ def curve_for(
         delta_error=delta_error,
         relation=relation,
     )
-
-
-MIN_EPS_ERROR = 2e-3
-"""The smallest default epsilon error (below it the grid grows without a visible gain)."""
-
-
-def default_eps_error(
-    events: Sequence[PoissonGaussianEvent], delta: float, relation: Relation = Relation.ERASE
-) -> float:
-    r"""PRV epsilon error chosen from the error to meet: 0.4% of the RDP epsilon, at least
-    ``MIN_EPS_ERROR``.
-
-    The PRV error is absolute, so a fixed 0.01 is 2% of an epsilon of 0.5 and a needless
-    0.04% of an epsilon of 25, whose grid it makes 25 times finer. The RDP epsilon (an upper
-    bound, cheap) sets the scale, which keeps the upper bound within about 1% of the exact
-    value while the grid stays affordable at any step count.
-    """
-    from maskdp.accounting.conversions import _minimise
-    from maskdp.accounting.rdp import DEFAULT_ORDERS
-
-    relation = parse_relation(relation)
-    # The substitute pair's RDP is a quadrature: the coarse grid keeps it cheap.
-    orders = DEFAULT_ORDERS if relation is Relation.ERASE else _SAFE_ORDERS
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        rdp = rdp_of_events(events, orders, relation=relation)
-        scale = _minimise(orders, rdp, delta, "hypothesis-test").epsilon
-    if not math.isfinite(scale):
-        return 0.01
-    return max(MIN_EPS_ERROR, 0.004 * scale)
 
 
 def prv_epsilon(

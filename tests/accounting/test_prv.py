@@ -166,6 +166,15 @@ def test_too_many_steps_is_a_clear_error_not_a_crash():
         prv_epsilon([PoissonGaussianEvent(0.01, 1.0, 10**9)], 1e-5)
 
 
+def test_a_mesh_too_coarse_for_the_step_count_is_refused_not_answered_zero():
+    """At 10^9 steps an eps_error in the thousands fits the node limit, but each step's
+    rounding bias (mesh 0.02 against losses of about 1e-4) drifts the composition 3.4e6
+    past a grid of half-width 8.7e4: the circular FFT wrapped around and the answer read
+    epsilon 0 where RDP gives 8.6e4. It must be refused."""
+    with pytest.raises(AccountingError, match="too coarse.*drifts"):
+        prv_epsilon([PoissonGaussianEvent(0.01, 1.0, 10**9)], 1e-5, eps_error=2108.9)
+
+
 def test_delta_too_small_for_floating_point_is_a_clear_error():
     with pytest.raises(AccountingError, match="floating-point round-off"):
         prv_epsilon([PoissonGaussianEvent(0.04, 1.5, 100)], 1e-15)
@@ -204,6 +213,35 @@ def test_a_million_steps_at_a_tiny_rate_answers():
 @pytest.mark.slow
 def test_ten_million_steps_answer():
     large_step_check(10**7)
+
+
+@pytest.mark.slow
+def test_ten_million_steps_at_a_small_epsilon_fit_the_node_budget():
+    """q = 1e-4, sigma 2, 10^7 steps (epsilon about 0.6): 0.4% of epsilon would need 3e7
+    nodes (about 20 s and 2 GB); the default error grows until the grid fits NODE_BUDGET,
+    stays within MAX_RELATIVE_ERROR of epsilon. The lower bound stays below dp_accounting's
+    pessimistic PLD (an upper bound on the truth; at 1e-4 over 10^7 steps it is loose,
+    0.781 against our upper 0.612) and the upper bound below the RDP bound."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+    from maskdp.accounting.prv_grid import MAX_RELATIVE_ERROR, NODE_BUDGET, affordable_eps_error
+    from maskdp.accounting.relations import Relation
+
+    events = [PoissonGaussianEvent(0.0001, 2.0, 10**7)]
+    rdp = epsilon_from_events(events, 1e-5).epsilon
+    error = default_eps_error(events, 1e-5)
+    assert 0.004 * rdp < error == affordable_eps_error(events, 1e-8, Relation.ERASE)
+    assert error <= MAX_RELATIVE_ERROR * rdp
+    curve = curve_for(events, eps_error=error, delta_error=1e-8)
+    assert curve is not None and curve.size <= 1.05 * NODE_BUDGET
+    res = prv_epsilon(events, 1e-5)
+    reference = (
+        pld.from_gaussian_mechanism(2.0, sampling_prob=0.0001, value_discretization_interval=1e-4)
+        .self_compose(10**7)
+        .get_epsilon_for_delta(1e-5)
+    )
+    assert res.epsilon_lower <= reference  # the PLD is an upper bound on the truth
+    assert res.epsilon_lower <= res.epsilon_estimate <= res.epsilon_upper < rdp
+    assert res.epsilon_upper - res.epsilon_lower <= 2 * error + 5e-3
 
 
 @pytest.mark.slow

@@ -185,7 +185,7 @@ def test_using_attention_weights_in_the_loss_is_refused():
 
     torch.manual_seed(0)
     model = UsesWeights().double()
-    with pytest.raises(UnsupportedModelError, match=r"attn.*output other than its first"):
+    with pytest.raises(UnsupportedModelError, match=r"attn \(MultiheadAttention\).*other than"):
         run(GhostEngine, model, batch_of())
     assert all(p.grad is None for p in model.parameters())
 
@@ -221,7 +221,8 @@ class _SequenceFirst(nn.Module):
 
 @pytest.mark.parametrize("stack", [False, True])
 @pytest.mark.parametrize("kind", ["mixing", "sequence_first"])
-def test_a_replay_that_does_not_reproduce_the_output_is_refused(kind, stack):
+def test_a_module_whose_rows_are_not_records_is_refused(kind, stack):
+    """The record-independence probe (maskdp/engines/ghost/independence.py)."""
     torch.manual_seed(0)
     if kind == "mixing":
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 16 * 16, DIM), _Mixing(),
@@ -229,5 +230,15 @@ def test_a_replay_that_does_not_reproduce_the_output_is_refused(kind, stack):
     else:
         model = nn.Sequential(nn.Flatten(), _SequenceFirst(), nn.Linear(3 * 4 * 16 * 16, 3))
     model = model.double()
-    with pytest.raises(UnsupportedModelError, match=r"^[12] \(_\w+\): replayed one record.*vmap"):
+    with pytest.raises(UnsupportedModelError, match=r"^[12] \(_\w+\): changing one record"):
         run(ghost(stack=stack), model, batch_of())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_replay_that_does_not_give_the_output_back_is_refused():
+    from maskdp.engines.ghost.functional import check_reproduced
+
+    out = torch.randn(3, 4, dtype=torch.float64)
+    check_reproduced("m (M)", out + 1e-9, out)  # batched against per-sample rounding
+    with pytest.raises(UnsupportedModelError, match=r"^m \(M\): replayed one record"):
+        check_reproduced("m (M)", out.flip(0), out)

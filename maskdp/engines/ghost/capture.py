@@ -201,6 +201,25 @@ def analyse_graph(
                 consumers.setdefault(owner[id(nxt.variable)], set()).add(node)
             if nxt not in reaches:
                 stack.append((nxt, False))
+    _check_owned(layers, calls, consumers)
+    for layer, layer_calls in zip(layers, calls, strict=True):
+        for call in layer_calls.values() if layer.rule.replays else ():
+            _check_sealed(layer, call, reaches)
+    entries = []
+    for layer_calls in calls:
+        for call in layer_calls.values():
+            node = call.edge.node if call.edge is not None else None
+            if node is not None and not any(
+                reaches.get(nxt, False) for nxt, _ in node.next_functions if nxt is not None
+            ):
+                entries.append(call.edge)
+    return entries
+
+
+def _check_owned(
+    layers: list[Layer], calls: list[dict[str, Call]], consumers: dict[int, set[Node]]
+) -> None:
+    """Refuse a parameter consumed outside every call of its owner module."""
     for index, used_by in consumers.items():
         inside: set[Node] = set()
         for call in calls[index].values():
@@ -211,15 +230,30 @@ def analyse_graph(
                 f"{layers[index].label}: a parameter of this module is also used outside its "
                 f"forward (e.g. a tied weight used as `x @ module.weight.T`); {FIX}"
             )
-    entries = []
-    for layer_calls in calls:
-        for call in layer_calls.values():
-            node = call.edge.node if call.edge is not None else None
-            if node is not None and not any(
-                reaches.get(nxt, False) for nxt, _ in node.next_functions if nxt is not None
-            ):
-                entries.append(call.edge)
-    return entries
+
+
+def _check_sealed(layer: Layer, call: Call, nodes: dict[Node, bool]) -> None:
+    """Refuse a replayed module whose insides reach the loss other than through its output.
+
+    The per-module rule differentiates the module's output alone; an intermediate kept on
+    ``self`` and used by a parent (attention maps for an auxiliary loss, a cache) would
+    carry gradient to its parameters that the replay never sees.
+    """
+    if call.edge is None:
+        return
+    output = call.edge.node
+    region = _region(output, set(call.input_nodes))
+    for node in nodes:
+        if node in region:
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt is not output and nxt in region:
+                raise UnsupportedModelError(
+                    f"{layer.label}: the loss depends on values computed inside it other "
+                    f"than through its (first) output, e.g. an intermediate kept on the "
+                    f"module and used by a parent; the per-module rule differentiates its "
+                    f"output alone; {FIX}"
+                )
 
 
 def _region(start: Node, stops: set[Node]) -> set[Node]:

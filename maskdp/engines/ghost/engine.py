@@ -16,12 +16,15 @@ of :math:`\sum_i [c_i \ell(full_i) + (1 - c_i) \ell(pub_i)]` is ``G`` rescaled p
 
 Two schedules give the same numbers:
 
-- *stacked* (when both :class:`ModelInput` have the same shapes and the model draws no
-  random numbers): one ``2B`` forward and one backward; fewer, larger kernels.
+- *stacked* (when both :class:`ModelInput` have the same shapes, the model draws no
+  random numbers and no layer is replayed, :mod:`maskdp.engines.ghost.functional`): one ``2B`` forward and one backward; fewer, larger kernels.
 - *sequential*: forward and backward of the full pass, each layer reduced to its per-sample
   gradients (or kept, on the ghost branch), then forward and backward of the public pass
   after restoring the generator state of the full pass (both passes see the same random
   draws); about one pass's activations in memory instead of two.
+
+Before the first step, :mod:`maskdp.engines.ghost.independence` probes that every layer's
+rows are records (two small forward passes on random clips): every rule depends on it.
 
 Each layer is reduced inside the backward as soon as its ``G`` arrives, and its ``A`` and
 ``G`` are released (:mod:`maskdp.engines.ghost.capture`, :mod:`maskdp.engines.ghost.reducer`). Hooks live only for the duration
@@ -48,6 +51,7 @@ from maskdp.engines.base import (
 )
 from maskdp.engines.ghost.capture import FIX, Capture, Layer, analyse_graph
 from maskdp.engines.ghost.functional import PER_MODULE_RULE
+from maskdp.engines.ghost.independence import probe_record_independence
 from maskdp.engines.ghost.reducer import FULL, PUBLIC, STACKED, Reducer, Workspace
 from maskdp.engines.ghost.registry import rule_for
 from maskdp.engines.ghost.rules import Mode
@@ -186,6 +190,8 @@ class GhostEngine(Engine):
         self.layers = plan_layers(model)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.workspace = Workspace() if reuse_buffers else None
+        self.replayed = any(layer.rule.replays for layer in self.layers)
+        self._probed = False  # the record-independence probe runs before the first step
 
     @classmethod
     def check_support(cls, model: nn.Module) -> None:
@@ -206,8 +212,14 @@ class GhostEngine(Engine):
 
     def _compute(self, batch: MaskedBatch, max_grad_norm: float) -> ClippedSum:
         n, targets = len(batch), batch.targets
+        if not self._probed:
+            # Public structure only: the probe's clips are random (independence.py).
+            probe_record_independence(self.model, self.layers, batch.public or batch.full)
+            self._probed = True
         reducer = Reducer(self.layers, batch, self.mode, self.workspace)
-        stack = self.stack and not batch.random and batch.public is not None
+        # Replayed layers check themselves on public rows, which a stacked call would
+        # compute beside the full rows: they run in the sequential schedule.
+        stack = self.stack and not batch.random and batch.public is not None and not self.replayed
         with Capture(self.layers, reducer) as capture:
             reducer.capture = capture
             if stack and stackable(batch.full, batch.public):

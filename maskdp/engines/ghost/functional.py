@@ -20,10 +20,16 @@ Cost: one more forward and backward of this module, mapped over the batch; of th
 not of the model. So the rule is for modules below the model's root: raw parameters in the
 root's own forward would replay the whole model, which is the ``vmap`` engine's job.
 
+The two premises, records that never mix and the batch in the declared dimension, are
+properties of the model that no list of classes certifies: the engine probes them for every
+layer before the first step (:mod:`maskdp.engines.ghost.independence`).
+
 Refused at the first step, naming the module: a forward that draws random numbers (the
 replay would not see the original draws; ``vmap``'s ``randomness="error"``), one that
-``vmap`` cannot map (data-dependent control flow), and a loss that uses any output but the
-first (only the first is differentiated).
+``vmap`` cannot map (data-dependent control flow), a loss that uses any output but the
+first (only the first is differentiated), and gradient reaching the module's insides other
+than through that output (an intermediate kept on ``self`` and used by a parent;
+:func:`maskdp.engines.ghost.capture.analyse_graph`).
 """
 
 from __future__ import annotations
