@@ -41,12 +41,8 @@ from maskdp.accounting.errors import AccountingError, InvalidParameterError
 from maskdp.accounting.events import PoissonGaussianEvent, merge_events
 from maskdp.accounting.loss_pairs import LossPair
 from maskdp.accounting.prv_discrete import DiscretePRV, discretise, fft_size, round_off_bound
-from maskdp.accounting.prv_grid import default_eps_error, safe_half_width
+from maskdp.accounting.prv_grid import MAX_NODES, default_eps_error, safe_half_width
 from maskdp.accounting.relations import Relation, parse_relation
-
-MAX_NODES = 1 << 25
-"""Most discretisation nodes over all of a curve's grids (one per distinct (q, sigma)):
-about 33 million, 2 GB of float64 work arrays at the peak of a query."""
 
 
 @dataclass(frozen=True)
