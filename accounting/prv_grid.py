@@ -112,13 +112,13 @@ def default_eps_error(
     from maskdp.accounting.rdp import DEFAULT_ORDERS
 
     relation = parse_relation(relation)
-    # The substitute pair's RDP is a quadrature: the coarse grid keeps it cheap.
-    orders = DEFAULT_ORDERS if relation is Relation.ERASE else _SAFE_ORDERS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if relation is Relation.ERASE:
+            orders = DEFAULT_ORDERS
             rdp = rdp_of_events(events, orders, relation=relation)
-        else:
+        else:  # the substitute pair's RDP is a quadrature: the coarse, cached grid
+            orders = _SAFE_ORDERS
             rdp = sum(
                 (e.steps * _step_rdp(e.sample_rate, e.noise_multiplier, relation) for e in events),
                 np.zeros(len(orders)),
@@ -136,8 +136,8 @@ def affordable_eps_error(
     r"""The smallest epsilon error whose grids hold at most :data:`NODE_BUDGET` nodes.
 
     Each grid spans :math:`2L` (:func:`safe_half_width`) with mesh
-    :math:`h = arepsilon_e / \sqrt{(N/2) \log(12/\delta_e)}`, so its node count is
-    :math:`2L\sqrt{(N/2)\log(12/\delta_e)} / arepsilon_e`: solved for :math:`arepsilon_e`.
+    :math:`h = \varepsilon_e / \sqrt{(N/2) \log(12/\delta_e)}`, so its node count is
+    :math:`2L\sqrt{(N/2)\log(12/\delta_e)} / \varepsilon_e`: solved for :math:`\varepsilon_e`.
     """
     merged = merge_events(events)
     if not merged:

@@ -30,7 +30,7 @@ from maskdp.engines.ghost.functional import Replay, first_tensor, is_replaying
 from maskdp.engines.ghost.rules import FIX, LayerRule
 from maskdp.errors import UnsupportedModelError
 
-__all__ = ["FIX", "Call", "Capture", "Layer", "analyse_graph"]
+__all__ = ["FIX", "Call", "Capture", "Layer", "analyse_graph", "batch_dims_of", "read_call"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,28 @@ class Call:
     result: Tensor | None = None  # its (first) output, detached, for rules that replay it
 
 
+def read_call(
+    layer: Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any
+) -> tuple[Replay | None, tuple[Tensor, ...], Any, list[Tensor]]:
+    """One call of a layer as its rule sees it: the replay (rules that replay the call, else
+    None), the tensor inputs, the output (a replayed module's first tensor) and the other
+    tensors a replayed module returned."""
+    if not layer.rule.replays:
+        tensors = tuple(t for t in (*args, *kwargs.values()) if isinstance(t, Tensor))
+        return None, tensors, output, []
+    replay, tensors = Replay.of_call(module, args, kwargs, layer.label)
+    first, others = first_tensor(output)
+    return replay, tensors, first, others
+
+
+def batch_dims_of(replay: Replay | None, inputs: int) -> tuple[tuple[int | None, ...], int]:
+    """Batch dimension of each of ``inputs`` captured tensors and of the output: 0 unless the
+    call's replay declares others."""
+    if replay is not None:
+        return replay.in_dims, replay.out_dim
+    return tuple(0 for _ in range(inputs)), 0
+
+
 @dataclass
 class Capture:
     """Forward hooks recording each layer's calls; ``on_ready(index)`` fires in the backward
@@ -101,16 +123,10 @@ class Capture:
                 f"{layer.label} is called more than once per forward pass (weight sharing "
                 f"or reuse); the ghost engine needs one call per module; {FIX}"
             )
-        replay = None
-        if layer.rule.replays:
-            replay, found = Replay.of_call(module, args, kwargs, layer.label)
-            tensors = list(found)
-            output, others = first_tensor(output)
-            for other in others:
-                if other.requires_grad:
-                    other.register_hook(partial(self._unused_output, layer))
-        else:
-            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        replay, tensors, output, others = read_call(layer, module, args, kwargs, output)
+        for other in others:
+            if other.requires_grad:
+                other.register_hook(partial(self._unused_output, layer))
         inputs = tuple(t.detach() for t in tensors)
         expected = layer.rule.inputs
         if expected is not None and len(tensors) != expected:

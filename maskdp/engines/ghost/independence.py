@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.engines.base import RngSnapshot
-from maskdp.engines.ghost.capture import Layer
-from maskdp.engines.ghost.functional import Replay, first_tensor
+from maskdp.engines.ghost.capture import Layer, batch_dims_of, read_call
 from maskdp.engines.ghost.rules import FIX
 from maskdp.errors import UnsupportedModelError
 
@@ -97,15 +96,10 @@ def _recorder(index: int, layer: Layer, runs: list[Seen]) -> Any:
     """A forward hook recording the layer's tensors (inputs, then output) and batch dims."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if layer.rule.replays:
-            replay, found = Replay.of_call(module, args, kwargs, layer.label)
-            dims = (*replay.in_dims, replay.out_dim)
-            output, _ = first_tensor(output)
-        else:
-            found = tuple(t for t in (*args, *kwargs.values()) if isinstance(t, Tensor))
-            dims = tuple(0 for _ in found) + (0,)
+        replay, found, output, _ = read_call(layer, module, args, kwargs, output)
+        in_dims, out_dim = batch_dims_of(replay, len(found))
         if isinstance(output, Tensor):
-            runs[-1][index] = (tuple(t.detach() for t in (*found, output)), dims)
+            runs[-1][index] = (tuple(t.detach() for t in (*found, output)), (*in_dims, out_dim))
 
     return hook
 

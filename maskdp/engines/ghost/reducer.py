@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from maskdp.engines.base import MaskedBatch, accumulation_dtype
-from maskdp.engines.ghost.capture import FIX, Call, Capture, Layer
+from maskdp.engines.ghost.capture import FIX, Call, Capture, Layer, batch_dims_of
 from maskdp.engines.ghost.rules import (
     LayerResult,
     Mode,
@@ -108,19 +108,14 @@ class Reducer:
         return layer_result(layer.rule, layer.module, pair, frozenset(layer.names), mode)
 
     def _stacked(self, index: int, layer: Layer, call: Call) -> None:
-        n, both = self.n, self._pass(layer, call, 2 * self.n, public_from=self.n)
-        in_dims, out_dim = _dims(call)
-
-        def half(start: int) -> Pass:
-            inputs = tuple(
-                t if d is None else t.narrow(d, start, n)
-                for t, d in zip(both.inputs, in_dims, strict=True)
-            )
-            grad = both.grad.narrow(out_dim, start, n)
-            result = (0, both.result[1]) if start and both.result is not None else None
-            return Pass(inputs, grad, replay=both.replay, result=result)
-
-        pair = Pair(half(0), half(n), stacked=both)
+        if call.replay is not None:  # pragma: no cover - GhostEngine never stacks them
+            raise RuntimeError(f"{layer.label}: a replayed layer must run sequentially")
+        n, both = self.n, self._pass(layer, call, 2 * self.n)
+        pair = Pair(
+            Pass(tuple(t[:n] for t in both.inputs), both.grad[:n]),
+            Pass(tuple(t[n:] for t in both.inputs), both.grad[n:]),
+            stacked=both,
+        )
         self._finish(index, self._result(layer, pair, self.mode))
 
     def _first(self, index: int, layer: Layer, calls: dict[str, Call]) -> None:
@@ -187,7 +182,7 @@ class Reducer:
         whose output is never compared (nothing may raise on sensitive content)."""
         if call.grad is None:
             raise RuntimeError(f"{layer.label}: reduced before its output gradient arrived")
-        in_dims, out_dim = _dims(call)
+        in_dims, out_dim = batch_dims_of(call.replay, len(call.inputs))
         for t, d in zip((*call.inputs, call.grad), (*in_dims, out_dim), strict=True):
             if d is not None and (t.dim() <= d or t.shape[d] != size):
                 raise UnsupportedModelError(
@@ -202,14 +197,5 @@ class Reducer:
         node = call.edge.node if call.edge is not None else None
         result = None
         if public_from is not None and call.result is not None:
-            out_dim = _dims(call)[1]
             result = (public_from, call.result.narrow(out_dim, public_from, size - public_from))
         return Pass(inputs, grad, node, self.workspace, call.replay, result)
-
-
-def _dims(call: Call) -> tuple[tuple[int | None, ...], int]:
-    """Batch dimension of each captured input and of the output gradient (0 unless the
-    call's replay says otherwise)."""
-    if call.replay is not None:
-        return call.replay.in_dims, call.replay.out_dim
-    return tuple(0 for _ in call.inputs), 0
