@@ -73,11 +73,23 @@ GRID = {
 }
 QUICK_GRID = {"lr": (2e-3, 1e-2), "max_grad_norm": (1.0,), "batch_size": (64,)}
 SWEEP = (0.5, 2.0, 8.0)
+#: ``--main-only``: DP-SGD at the seed-0 grid points of the last full run (RESULTS.md says
+#: which), so the main table can be re-measured without the 96-run grid.
+RECORDED_DPSGD_POINTS: dict[tuple[str, str], dict[str, Any]] = {
+    (task, "vit"): {"lr": 1e-2, "max_grad_norm": 0.1, "batch_size": 64,
+                    "temporal_centering": task != "footage-context"}
+    for task in TASKS
+}  # fmt: skip
+SECTION_MAIN = "## Utility on real footage: main table at the current defaults"
 LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("view=coverage", {"view": "coverage"}),
     ("view=fill", {"view": "fill"}),
     ("view=random", {"view": "random"}),
-    ("private_parameters=head", {"private_parameters": "head"}),
+    ("private_branch off (difference term on every parameter)", {"private_branch": False}),
+    (
+        "private_parameters=head (no branch)",
+        {"private_branch": False, "private_parameters": "head"},
+    ),
     ("shrinkage=james-stein", {"shrinkage": "james-stein"}),
     ("private_weight=0.3", {"private_weight": 0.3}),
     ("private_weight=0 (public-only)", {"private_weight": 0.0}),
@@ -181,9 +193,14 @@ def best_points(tuning: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict
 
 
 def report_specs(
-    best: dict, quick: bool, seeds: tuple[int, ...], models: tuple[str, ...]
+    best: dict,
+    quick: bool,
+    seeds: tuple[int, ...],
+    models: tuple[str, ...],
+    main_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Stage 2: every method at epsilon 1 on the reported seeds, the sweep and the levers."""
+    """Stage 2: every method at epsilon 1 on the reported seeds, the sweep and the levers
+    (``main_only``: the untuned methods and DP-SGD at :data:`RECORDED_DPSGD_POINTS`)."""
     specs = []
 
     def add(method: str, overrides: dict[str, Any], lever: str | None = None) -> None:
@@ -191,9 +208,13 @@ def report_specs(
 
     for task, model in itertools.product(TASKS, models):
         for name, overrides in methods(task, model).items():
+            if main_only and name == "MaskDP tuned":
+                continue
             point = best.get((task, model, name), {})
             for seed in seeds:
                 add(name, {**overrides, **point, "seed": seed})
+    if main_only:
+        return specs
     if not quick:
         for task, eps in itertools.product(TASKS, SWEEP):
             m = methods(task, "vit")
@@ -369,8 +390,9 @@ READING = """How to read these tables:
 
 
 def defaults_text() -> str:
-    keys = ("view", "private_parameters", "private_weight", "max_grad_norm", "batch_size",
-            "lr", "epochs", "public_epochs", "temporal_centering", "train_size", "test_size")  # fmt: skip
+    keys = ("view", "private_branch", "private_branch_lr", "private_parameters",
+            "private_weight", "max_grad_norm", "batch_size", "lr", "epochs", "public_epochs",
+            "temporal_centering", "train_size", "test_size")  # fmt: skip
     config = recipe().to_dict()
     return ", ".join(f"`{k}={config[k]}`" for k in keys)
 
@@ -427,6 +449,12 @@ def main() -> None:
     parser.add_argument(
         "--models", help="comma-separated: vit,cnn,r3d_18 (default vit,cnn; --quick: vit)"
     )
+    parser.add_argument(
+        "--main-only",
+        action="store_true",
+        help="the main table alone (no grid: DP-SGD at the recorded points; no MaskDP "
+        f"tuned, sweep or levers), written as {SECTION_MAIN!r}",
+    )
     parser.add_argument("--write", type=Path, help=f"replace the {SECTION!r} section of this file")
     parser.add_argument("--json", type=Path, help="write every raw result here")
     parser.add_argument(
@@ -442,31 +470,42 @@ def main() -> None:
         if args.quick and args.models is None
         else tuple(m for m in (args.models or ",".join(MODELS)).split(",") if m)
     )
-    tuning = run_all(tuning_specs(args.quick, models), args.jobs, start)
-    best = best_points(tuning)
-    report = run_all(report_specs(best, args.quick, seeds, models), args.jobs, start)
+    if args.main_only:
+        tuning = []
+        best = {(*key, "DP-SGD tuned"): point for key, point in RECORDED_DPSGD_POINTS.items()}
+    else:
+        tuning = run_all(tuning_specs(args.quick, models), args.jobs, start)
+        best = best_points(tuning)
+    report = run_all(
+        report_specs(best, args.quick, seeds, models, args.main_only), args.jobs, start
+    )
     minutes = (time.perf_counter() - start) / 60
     command = "python benchmarks/utility_privacy.py " + shlex.join(sys.argv[1:])
+    section = SECTION_MAIN if args.main_only else SECTION
+    grid_text = (
+        "DP-SGD at the seed-0 grid points of the last full run (below), no tuning"
+        if args.main_only
+        else "Tuning grid (seed 0): "
+        + ", ".join(f"{k} {v}" for k, v in (QUICK_GRID if args.quick else GRID).items())
+    )
     parts = [
-        SECTION,
+        section,
         f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')} in {minutes:.1f} "
         f"min. {header}. Library defaults (`maskdp train --scenario TASK --model MODEL`): "
-        f"{defaults_text()}. Tuning grid (seed 0): "
-        + ", ".join(f"{k} {v}" for k, v in (QUICK_GRID if args.quick else GRID).items())
-        + ". Chance is 0.25 on every task.",
+        f"{defaults_text()}. {grid_text}. Chance is 0.25 on every task.",
         "Goals of issue 15 (epsilon 1, delta 1e-5, MaskDP defaults, full test clips):",
         goals(report, seeds, models),
         main_table(report, best, seeds, models),
         sweep_table(report),
-        lever_table(report, seeds[:1]),
+        "" if args.main_only else lever_table(report, seeds[:1]),
         READING,
         "" if args.no_cli_timing else time_default_command(),
     ]
     body = "\n\n".join(p for p in parts if p)
     print("\n" + body)
     if args.write:
-        replace_section(args.write, SECTION, body.rstrip("\n") + "\n")
-        print(f"wrote the {SECTION!r} section of {args.write}")
+        replace_section(args.write, section, body.rstrip("\n") + "\n")
+        print(f"wrote the {section!r} section of {args.write}")
     if args.json:
         args.json.write_text(json.dumps({"tuning": tuning, "report": report}, indent=1))
 

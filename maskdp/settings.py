@@ -37,7 +37,7 @@ from maskdp.checks import (
 from maskdp.engines.base import check_engine_name
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.postprocess import check_private_weight, check_shrinkage
-from maskdp.mechanism.subset import check_private_parameters
+from maskdp.mechanism.subset import check_private_parameters, check_private_term
 from maskdp.mechanism.views import ViewArg, as_view
 from maskdp.training.precision import check_autocast
 
@@ -79,6 +79,10 @@ class PrivacySettings:
         private_parameters: ``None`` (every trainable parameter) or the names of the
             parameters (or modules) that get the private term; the others learn from the
             public term alone (:mod:`maskdp.mechanism.subset`: same epsilon, less noise).
+        private_term: ``"difference"`` (default: :math:`\Delta_i = g_i - h_i` on the private
+            parameters, which learn from the public term too) or ``"full"`` (:math:`g_i` on
+            full clips: the private parameters, a residual branch, learn from it alone and
+            the others from the public term alone; :mod:`maskdp.mechanism.subset`).
     """
 
     noise_multiplier: float
@@ -97,6 +101,7 @@ class PrivacySettings:
     private_weight: float = 1.0
     shrinkage: str | None = None
     private_parameters: tuple[str, ...] | None = None
+    private_term: str = "difference"
 
     def __post_init__(self) -> None:
         batch = check_batch_size(self.expected_batch_size)
@@ -118,6 +123,7 @@ class PrivacySettings:
             "private_weight": check_private_weight(self.private_weight),
             "shrinkage": check_shrinkage(self.shrinkage),
             "private_parameters": check_private_parameters(self.private_parameters),
+            "private_term": check_private_term(self.private_term),
             **_budget(self.target_epsilon, self.target_delta, self.noise_multiplier),
         }
         for name, value in normalised.items():

@@ -114,19 +114,24 @@ def make_batch(
     targets: Tensor,
     *,
     protect_labels: bool = False,
+    full_term: bool = False,
     present: Tensor | None = None,
     guard: ModelGuard | None = None,
 ) -> MaskedBatch:
     """The full and public passes of a private batch (``present[i] = False`` erases record i).
 
     With ``protect_labels`` the whole record is the privacy unit, so an erased record is
-    removed from the batch; otherwise it stays and is seen as its public view. ``guard``
-    probes the model on the batch's public view: it refuses buffers that change and tells
-    whether the model draws random numbers (without a guard the engines assume it does).
+    removed from the batch; otherwise it stays and is seen as its public view. With
+    ``full_term`` the private term is :math:`g_i` on full clips (:mod:`maskdp.mechanism.subset`):
+    there is no public pass, and an erased record, whose sensitive content is absent,
+    contributes nothing, so it leaves the batch too. ``guard`` probes the model on the
+    batch's public view: it refuses buffers that change and tells whether the model draws
+    random numbers (without a guard the engines assume it does).
     """
     check_batch(inputs, mask, targets)
-    if protect_labels and present is not None:
-        # Whole-record privacy: an erased record is simply not in the batch (add/remove).
+    no_public_pass = protect_labels or full_term
+    if no_public_pass and present is not None:
+        # An erased record is simply not in the private batch (add/remove of its term).
         keep = _present_rows(present, len(inputs))
         inputs, mask, targets, present = inputs[keep], mask[keep], targets[keep], None
     public = view.public(inputs, mask)
@@ -134,10 +139,10 @@ def make_batch(
     random = True
     if guard is not None and len(inputs):
         random = guard.check(public)
-        if not protect_labels:
+        if not no_public_pass:
             guard.refuse_unshared_randomness(full, public)
     return MaskedBatch(
-        full=full, public=None if protect_labels else public, targets=targets, random=random
+        full=full, public=None if no_public_pass else public, targets=targets, random=random
     )
 
 

@@ -1,5 +1,6 @@
-"""Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, and an
-adapter for Hugging Face video classifiers."""
+"""Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, an
+adapter for Hugging Face video classifiers, and a public model plus a private residual
+branch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "PrepareReport": "maskdp.models.preparation",
     "from_huggingface": "maskdp.models.adapters",
     "HuggingFaceVideo": "maskdp.models.adapters",
+    "PrivateResidual": "maskdp.models.residual",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports("maskdp.models", _EXPORTS, globals())

@@ -105,7 +105,24 @@ def build_model(
 ) -> nn.Module:
     """The config's model, freshly initialised, for clips of ``clip_shape`` (C, T, H, W)
     (default: the config's synthetic clip size): VideoViT, a 3-block SmallVideoCNN with
-    global max pooling, or torchvision's r3d_18."""
+    global max pooling, or torchvision's r3d_18; with ``private_branch``, a
+    :class:`~maskdp.models.PrivateResidual` of two of them."""
+    from maskdp.models import PrivateResidual
+
+    model = _one_model(config, num_classes, clip_shape, config.temporal_centering)
+    if not config.uses_private_branch:
+        return model
+    # The branch sees what the public model cannot: the sensitive region's content, which
+    # temporal centering would remove where it is static (a scene's colours).
+    return PrivateResidual(model, _one_model(config, num_classes, clip_shape, False))
+
+
+def _one_model(
+    config: TrainConfig,
+    num_classes: int,
+    clip_shape: tuple[int, ...] | None,
+    temporal_centering: bool,
+) -> nn.Module:
     from maskdp.models import SmallVideoCNN, VideoViT
 
     channels, frames, height, width = clip_shape or (3, config.frames, *[config.image_size] * 2)
@@ -115,7 +132,7 @@ def build_model(
             in_channels=channels,
             frames=frames,
             image_size=(height, width),
-            temporal_centering=config.temporal_centering,
+            temporal_centering=temporal_centering,
         )
     if config.model == "cnn":
         return SmallVideoCNN(num_classes=num_classes, in_channels=channels, blocks=3, pool="max")

@@ -110,11 +110,12 @@ class TrainConfig(BaseModel):
         description="Neighbouring relation: sensitive content erased, or substituted.",
         json_schema_extra=_PRIVACY,
     )
-    epochs: float = Field(2.0, gt=0, description="Private epochs.", json_schema_extra=_OPTIMISATION)
+    epochs: float = Field(7.0, gt=0, description="Private epochs.", json_schema_extra=_OPTIMISATION)
     public_epochs: float = Field(
-        5.0,
+        0.0,
         ge=0,
-        description="Warm-up epochs on public views only (free).",
+        description="Warm-up epochs on public views only (free). The private branch needs "
+        "none; without it (--no-private-branch) the difference term needs about 5.",
         json_schema_extra=_OPTIMISATION,
     )
     batch_size: int = Field(
@@ -134,7 +135,7 @@ class TrainConfig(BaseModel):
         0.0, ge=0, description="Weight decay (AdamW).", json_schema_extra=_OPTIMISATION
     )
     max_grad_norm: float = Field(
-        1.0, gt=0, description="Clipping norm C of the private term.", json_schema_extra=_PRIVACY
+        0.1, gt=0, description="Clipping norm C of the private term.", json_schema_extra=_PRIVACY
     )
     private_weight: float = Field(
         1.0,
@@ -147,6 +148,20 @@ class TrainConfig(BaseModel):
         description="Parameters that get the private term: 'all', or comma-separated "
         "parameter or module names (e.g. 'head'); the others learn from public views alone.",
         json_schema_extra=_PRIVACY,
+    )
+    private_branch: bool = Field(
+        True,
+        description="A private residual branch (a second model of the same kind, logits "
+        "added) learns from the private term alone on full clips, the model from public "
+        "views alone (maskdp.models.PrivateResidual); off: the difference term on every "
+        "parameter of one model. MaskDP runs only.",
+        json_schema_extra=_PRIVACY,
+    )
+    private_branch_lr: float = Field(
+        1e-2,
+        gt=0,
+        description="Learning rate (AdamW) of the private branch.",
+        json_schema_extra=_OPTIMISATION,
     )
     shrinkage: Literal["none", "james-stein"] = Field(
         "none", description="Shrink the noisy private sum (free).", json_schema_extra=_PRIVACY
@@ -181,6 +196,7 @@ class TrainConfig(BaseModel):
             "delta",
             "epochs",
             "lr",
+            "private_branch_lr",
             "max_grad_norm",
             "public_epochs",
             "weight_decay",
@@ -192,14 +208,32 @@ class TrainConfig(BaseModel):
         if self.mode != "nonprivate":
             if self.target_epsilon is not None and self.noise_multiplier is not None:
                 raise ValueError("give either target_epsilon or noise_multiplier, not both")
+        if (
+            self.private_branch
+            and self.mode != "maskdp"
+            and "private_branch" in self.model_fields_set
+        ):
+            raise ValueError("private_branch is a MaskDP option: use it with mode maskdp")
+        if self.uses_private_branch and self.private_parameters.strip() != "all":
+            raise ValueError(
+                "private_parameters names the private parameters of one model; the private "
+                "branch is the private parameters: pass private_branch false with it"
+            )
         for name in ("batch_size", "public_batch_size"):
             size = getattr(self, name)
             if size is not None and size > self.train_size and self.data == "synthetic":
                 raise ValueError(f"{name} {size} exceeds train_size {self.train_size}")
         return self
 
+    @property
+    def uses_private_branch(self) -> bool:
+        """Whether the run has a private branch (a MaskDP run with ``private_branch``)."""
+        return self.private_branch and self.mode == "maskdp"
+
     def private_parameter_names(self) -> tuple[str, ...] | None:
         """``private_parameters`` as the optimizer takes it (None for all)."""
+        if self.uses_private_branch:
+            return ("residual",)  # maskdp.models.PrivateResidual.PRIVATE
         if self.private_parameters.strip() == "all":
             return None
         return tuple(name.strip() for name in self.private_parameters.split(","))

@@ -15,6 +15,7 @@ stored run: :mod:`maskdp.trainer.artifacts`; building its parts: :mod:`maskdp.tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,17 @@ Batch = tuple[Tensor, Tensor, Tensor]
 PUBLIC_BATCH_FACTOR = 4
 
 
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group at ``lr``; with ``private_branch``, the branch in a second group at
+    ``private_branch_lr``."""
+    if not config.uses_private_branch:
+        return [{"params": list(model.parameters())}]
+    return [
+        {"params": list(model.public.parameters())},
+        {"params": list(model.residual.parameters()), "lr": config.private_branch_lr},
+    ]
+
+
 class Run:
     """One training run bound to a run directory."""
 
@@ -60,7 +72,7 @@ class Run:
         self.model = build_model(config, num_classes, clip_shape).to(self.device)
         self.plan = make_plan(config, len(self.train_set))
         self.inner = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            _param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay
         )
         self.view = build_view(config, self.model)
         #: Expected public batch size: the config's, or 4 x the private one (at most N).
@@ -95,6 +107,7 @@ class Run:
             private_weight=config.private_weight,
             shrinkage=None if config.shrinkage == "none" else config.shrinkage,
             private_parameters=config.private_parameter_names(),
+            private_term="full" if config.uses_private_branch else "difference",
             public_batch_size=self.public_batch_size,
             accountant=config.accountant,
             relation=config.relation,
@@ -167,9 +180,24 @@ class Run:
         return loss
 
     def _public_step(self, public: Batch) -> float:
-        """Warm-up on public views of the public batch only: no privacy cost."""
+        """Warm-up on public views of the public batch only: no privacy cost. A private
+        branch stays as built (it learns from the private term alone)."""
         x, m, y = public
-        return self._plain_step(x, y, self.view.public(x, m), self.public_batch_size)
+        frozen = [p for p in self._private_branch_parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        public_only = self.model.public_pass() if frozen else contextlib.nullcontext()
+        try:
+            with public_only:
+                return self._plain_step(x, y, self.view.public(x, m), self.public_batch_size)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _private_branch_parameters(self) -> list[nn.Parameter]:
+        if not self.config.uses_private_branch:
+            return []
+        return list(self.model.residual.parameters())
 
     def _inner_step(self, count: int) -> None:
         """The inner optimizer's step on a non-empty (global) batch; ranks sum gradients."""

@@ -144,6 +144,7 @@ class DistributedContext:
                 "protect_labels": float(settings.protect_labels),
                 "private_weight": settings.private_weight,
                 "shrinkage": float(settings.shrinkage is not None),
+                "private_term": float(settings.private_term == "full"),
                 "autocast": float((None, torch.float16, torch.bfloat16).index(settings.autocast)),
                 "released tensors": float(len(params)),
                 "released values": float(sum(p.numel() for p in params)),

@@ -48,7 +48,7 @@ from maskdp.engines.base import Engine, PerSampleLoss, build_engine, resolve_eng
 from maskdp.engines.probe import ModelGuard
 from maskdp.engines.validate import validate_model
 from maskdp.errors import InvalidInputError, UnsupportedModelError
-from maskdp.mechanism import noise, postprocess
+from maskdp.mechanism import noise, postprocess, subset
 from maskdp.mechanism.gradient import Records, check_public_batch, make_batch, public_gradient
 from maskdp.mechanism.randomness import (
     Randomness,
@@ -57,7 +57,6 @@ from maskdp.mechanism.randomness import (
     is_replayable,
     private_scope,
 )
-from maskdp.mechanism.subset import private_subset, resolve_private_parameters
 from maskdp.settings import PrivacySettings, SettingAttribute, resolve_settings
 from maskdp.training import precision
 from maskdp.training.distributed import DistributedContext, unwrap_ddp
@@ -128,8 +127,12 @@ class MaskDPOptimizer(OptimizerWrapper):
         if self._dist is not None:  # a collective: every rank builds its optimizer here
             self._dist.check_same_settings(self.settings, optimizer)
         #: Names of the parameters that get the private term (:mod:`maskdp.mechanism.subset`).
-        self._private_names = resolve_private_parameters(model, self.settings.private_parameters)
-        with private_subset(model, self._private_names):
+        self._private_names = subset.resolve_private_parameters(
+            model, self.settings.private_parameters
+        )
+        #: ``private_term="full"`` (:mod:`maskdp.mechanism.subset`).
+        self._full_term = subset.is_full_term(model, self._private_names, self.settings)
+        with subset.private_subset(model, self._private_names):
             self._engine: Engine = build_engine(
                 self.settings.engine, model, loss_fn, autocast=autocast
             )
@@ -152,6 +155,7 @@ class MaskDPOptimizer(OptimizerWrapper):
     private_weight = SettingAttribute()
     shrinkage = SettingAttribute()
     private_parameters = SettingAttribute()
+    private_term = SettingAttribute()
     noise_multiplier = SettingAttribute()
     max_grad_norm = SettingAttribute()
     expected_batch_size = SettingAttribute()
@@ -247,14 +251,18 @@ class MaskDPOptimizer(OptimizerWrapper):
                     mask,
                     targets,
                     protect_labels=self.settings.protect_labels,
+                    full_term=self._full_term,
                     present=present,
                     guard=self._guard,
                 )
                 clipped = self._engine.compute(batch, max_grad_norm=self.settings.max_grad_norm)
             if public_batch is not None:
-                public_sum, loss, count = public_gradient(
-                    self._model, self._engine.loss_fn, self.settings.view, public_batch
-                )
+                with subset.public_side(self._model, self._private_names, self._full_term):
+                    public_sum, loss, count = public_gradient(
+                        self._model, self._engine.loss_fn, self.settings.view, public_batch
+                    )
+                if self._full_term:  # the private branch learns from the private term alone
+                    public_sum = {**self._zeros(self._private_names), **public_sum}
         private = self._select(clipped.private, self._private_names)
         self._private_sum = _add(self._private_sum, private)
         self.last_norms, self.last_clip_factors = clipped.norms, clipped.clip_factors
@@ -265,7 +273,7 @@ class MaskDPOptimizer(OptimizerWrapper):
 
     def _private_pass(self) -> AbstractContextManager[None]:
         """The private side runs with the parameters outside the private subset frozen."""
-        return private_subset(self._model, self._private_names)
+        return subset.private_subset(self._model, self._private_names)
 
     def add_noise(self) -> None:
         r""":math:`Z = \sum_P c_i \Delta_i + N(0, \sigma^2 C^2 I)`, always (an empty batch too).

@@ -374,7 +374,9 @@ def test_r3d_18_is_built_private_trainable() -> None:
 
     model = build_model(build_config(model="r3d_18"), 4, (3, 4, 16, 16))
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 20
+    # the model and its private branch (maskdp.models.PrivateResidual), 20 each
+    assert [sum(isinstance(m, torch.nn.GroupNorm) for m in part.modules())
+            for part in (model.public, model.residual)] == [20, 20]  # fmt: skip
     validate_model(model)
     assert model(torch.rand(2, 3, 4, 16, 16)).shape == (2, 4)
     with pytest.raises(InvalidInputError, match="3-channel"):
