@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from maskdp.checks import check_choice
-from maskdp.engines.base import PerSampleLoss, trainable_parameters
+from maskdp.engines.base import PerSampleLoss, per_sample_loss, trainable_parameters
 from maskdp.errors import InvalidInputError
-from maskdp.mechanism.gradient import MaskedGradient, masked_gradient
+from maskdp.mechanism import subset
+from maskdp.mechanism.gradient import MaskedGradient, masked_gradient, public_gradient
 from maskdp.settings import PrivacySettings
 
 Region = Literal["sensitive", "public"]
@@ -159,6 +160,30 @@ def _record_gradient(
     )
 
 
+def _full_term(
+    model: nn.Module,
+    record: tuple[Tensor, Tensor, Tensor, Tensor],
+    settings: PrivacySettings,
+    loss_fn: Loss,
+    ratio: float,
+) -> dict[str, Tensor]:
+    r"""The record's term under ``private_term="full"`` (:mod:`maskdp.mechanism.subset`):
+    :math:`c\,g_S` on the private parameters (nothing when erased), :math:`h\,B/B_{pub}`
+    of the public side on the others."""
+    names = subset.resolve_private_parameters(model, settings.private_parameters)
+    x, m, y, present = (t[None] for t in record)
+    with subset.private_subset(model, names):
+        private = masked_gradient(
+            model, loss_fn, x, m, y, present=present, max_grad_norm=settings.max_grad_norm,
+            view=settings.view, engine=settings.engine, protect_labels=True,
+        ).private  # fmt: skip
+    with subset.public_side(model, names, True):
+        public, _, _ = public_gradient(
+            model, per_sample_loss(loss_fn), settings.view, (x.clone(), m, y)
+        )
+    return {**{n: g * ratio for n, g in public.items()}, **private}
+
+
 def _unit(model: nn.Module, terms: dict[str, Tensor]) -> tuple[Tensor, float]:
     """Float64 concatenation over the trainable parameters, normalised, and its norm."""
     v = torch.cat([terms[k].detach().double().flatten() for k in trainable_parameters(model)])
@@ -185,6 +210,9 @@ def canary_direction(
     terms = []
     for x, present in worlds:
         record = (x[index], mask[index], targets[index], present[index])
+        if settings.private_term == "full":
+            terms.append(_full_term(model, record, settings, loss_fn, ratio))
+            continue
         result = _record_gradient(
             model, record, settings, loss_fn, public=not settings.protect_labels
         )
