@@ -73,7 +73,24 @@ class PrivateResidual(nn.Module):
         finally:
             self._public_only = False
 
+    @property
+    def supports_token_drop(self) -> bool:
+        """The token-drop protocol (:class:`~maskdp.mechanism.views.DropView`) is the
+        public model's: a public view reaches the public model alone."""
+        return bool(getattr(self.public, "supports_token_drop", False))
+
+    @property
+    def tubelet_size(self) -> Any:
+        return self.public.tubelet_size
+
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         if self._public_only:
             return self.public(x, **kwargs)
-        return self.public(x, **kwargs) + self.residual(x, **kwargs)
+        return self.public(x, **kwargs) + self.residual(x, **self._residual_kwargs(kwargs))
+
+    def _residual_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``drop_tokens`` reaches a branch that implements token drop; another branch sees
+        the clip as given (under DropView, its sensitive pixels already filled)."""
+        if getattr(self.residual, "supports_token_drop", False):
+            return kwargs
+        return {k: v for k, v in kwargs.items() if k != "drop_tokens"}

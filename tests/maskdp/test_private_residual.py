@@ -221,3 +221,25 @@ def test_private_branch_bad_combinations_are_refused(options, match):
 
     with pytest.raises(InvalidInputError, match=match):
         build_config(private_branch=True, **options)
+
+
+def test_private_branch_trains_under_the_drop_view(tmp_path):
+    """DropView's protocol is the public model's; the run's update of the public model is
+    bit-identical when only sensitive content changes (the branch's is noised)."""
+    from helpers import TINY_TRAIN
+
+    from maskdp.mechanism.views import DropView
+    from maskdp.trainer.config import build_config
+    from maskdp.trainer.run import train
+
+    model = PrivateResidual(tiny_vit(seed=0), tiny_cnn(seed=1))
+    assert model.supports_token_drop and DropView.for_model(model).tubelet_size == (
+        model.public.tubelet_size
+    )
+    x, m, _ = data(1, 2)
+    view = DropView.for_model(model)
+    full = view.full(x, m)  # every token kept: the CNN branch gets no drop_tokens
+    expected = model.public(x, **full.kwargs) + model.residual(x)
+    torch.testing.assert_close(model(x, **full.kwargs), expected, rtol=0, atol=0)
+    result = train(build_config(**TINY_TRAIN, view="drop"), tmp_path / "run")
+    assert result.epsilon is not None and 0 < result.epsilon
