@@ -15,7 +15,6 @@ stored run: :mod:`maskdp.trainer.artifacts`; building its parts: :mod:`maskdp.tr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from maskdp.errors import InvalidInputError
 from maskdp.inference import accuracy
 from maskdp.io import atomic_write_json, remove_temporaries
+from maskdp.mechanism.subset import public_side, resolve_private_parameters
 from maskdp.trainer.build import build_datasets, build_model, build_view, make_plan, resolve_device
 from maskdp.trainer.config import TrainConfig
 from maskdp.trainer.result import TrainResult
@@ -71,6 +71,10 @@ class Run:
         clip_shape = tuple(self.train_set[0][0].shape)  # (C, T, H, W) of the data
         self.model = build_model(config, num_classes, clip_shape).to(self.device)
         self.plan = make_plan(config, len(self.train_set))
+        #: The parameters that get the private term (the branch, with ``private_branch``).
+        self.private_names = resolve_private_parameters(
+            self.model, config.private_parameter_names()
+        )
         self.inner = torch.optim.AdamW(
             _param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -183,21 +187,8 @@ class Run:
         """Warm-up on public views of the public batch only: no privacy cost. A private
         branch stays as built (it learns from the private term alone)."""
         x, m, y = public
-        frozen = [p for p in self._private_branch_parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        public_only = self.model.public_pass() if frozen else contextlib.nullcontext()
-        try:
-            with public_only:
-                return self._plain_step(x, y, self.view.public(x, m), self.public_batch_size)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    def _private_branch_parameters(self) -> list[nn.Parameter]:
-        if not self.config.uses_private_branch:
-            return []
-        return list(self.model.residual.parameters())
+        with public_side(self.model, self.private_names, self.config.uses_private_branch):
+            return self._plain_step(x, y, self.view.public(x, m), self.public_batch_size)
 
     def _inner_step(self, count: int) -> None:
         """The inner optimizer's step on a non-empty (global) batch; ranks sum gradients."""

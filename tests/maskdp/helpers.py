@@ -91,3 +91,22 @@ def wrap(model: nn.Module, inner=None, **kw) -> MaskDPOptimizer:
     args.update(kw)
     inner = inner if inner is not None else torch.optim.SGD(model.parameters(), lr=0.1)
     return MaskDPOptimizer(inner, **args)
+
+
+def replayed_noise(like: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The standard normal draws of ``InsecureSeededRandomness(seed)``, one tensor per entry of
+    ``like`` in its order (float64): the noise a seeded optimizer adds to those tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(t.shape, generator=gen).double() for n, t in like.items()}
+
+
+def assert_same_release(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Two released gradients agree on every parameter (float64 rounding only)."""
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+def release_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names) -> float:
+    """The Euclidean distance of two releases over ``names``."""
+    return float(torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in names)))

@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_clips, tiny_cnn, tiny_vit, wrap
+from helpers import (
+    TINY_TRAIN,
+    assert_same_release,
+    random_clips,
+    release_distance,
+    replayed_noise,
+    tiny_cnn,
+    tiny_vit,
+    wrap,
+)
 from torch import nn
 
 from maskdp.engines.base import engine_names
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import InsecureSeededRandomness
 from maskdp.mechanism.texture_view import TextureFillView
-from maskdp.mechanism.views import FillView, RandomFillView
+from maskdp.mechanism.views import DropView, FillView, InpaintView, RandomFillView
 from maskdp.models import PrivateResidual
 
 SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
@@ -37,9 +46,11 @@ def data(seed: int, n: int):
 
 
 VIEWS = {
-    "fill": lambda: FillView(0.0),
-    "random": lambda: RandomFillView(-2.0, 2.0, seed=11),
-    "texture": lambda: TextureFillView(-1.0, 1.0, seed=11),
+    "fill": lambda model: FillView(0.0),
+    "random": lambda model: RandomFillView(-2.0, 2.0, seed=11),
+    "texture": lambda model: TextureFillView(-1.0, 1.0, seed=11),
+    "drop": lambda model: DropView.for_model(model),  # the public model's protocol
+    "inpaint": lambda model: InpaintView("temporal", fallback=0.3),
 }
 
 
@@ -51,7 +62,7 @@ def released(
         model, noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=B,
         expected_public_batch_size=B_PUB, randomness=InsecureSeededRandomness(123),
         engine=engine, private_parameters=PrivateResidual.PRIVATE, private_term="full",
-        view=VIEWS[view](),
+        view=VIEWS[view](model),
     )  # fmt: skip
     opt.backward(*private, public=public, present=present)
     opt.pre_step()
@@ -87,8 +98,7 @@ def brute_force(private: tuple, public: tuple, present=None) -> dict[str, torch.
     public_named = [(n, p) for n, p in model.named_parameters() if n not in branch]
     public_grads = torch.autograd.grad(public_loss, [p for _, p in public_named])
     public_sum = {n: g for (n, _), g in zip(public_named, public_grads, strict=True)}
-    gen = torch.Generator().manual_seed(123)  # the seed's draws, on the branch alone
-    noise = {n: torch.randn(clipped[n].shape, generator=gen).double() for n in branch}
+    noise = replayed_noise(clipped, 123)  # the seed's draws, on the branch alone
     out = {n: public_sum[n] / B_PUB for n in names if n not in branch}
     for n in branch:
         out[n] = (clipped[n] + SIGMA * CLIP * noise[n]) / B
@@ -100,9 +110,7 @@ def brute_force(private: tuple, public: tuple, present=None) -> dict[str, torch.
 def test_release_matches_the_brute_force_residual_mechanism(engine):
     private, public = data(1, 5), data(2, 3)
     got, expected = released(engine, private, public), brute_force(private, public)
-    assert got.keys() == expected.keys()
-    for name in got:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+    assert_same_release(got, expected)
 
 
 @SEEDED
@@ -111,13 +119,10 @@ def test_an_erased_record_leaves_the_private_sum(engine):
     private, public = data(1, 5), data(2, 3)
     present = torch.tensor([True, False, True, True, False])
     got = released(engine, private, public, present)
-    expected = brute_force(private, public, present)
-    for name in got:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12, msg=name)
+    assert_same_release(got, brute_force(private, public, present))
     # and the erased world is within C per erased record of the present one
     full = released(engine, private, public)
-    moved = torch.sqrt(sum(((full[n] - got[n]) ** 2).sum() for n in got)) * B
-    assert 0 < float(moved) <= 2 * CLIP * (1 + 1e-9)
+    assert 0 < release_distance(full, got, got) * B <= 2 * CLIP * (1 + 1e-9)
 
 
 @SEEDED
@@ -132,8 +137,7 @@ def test_the_public_model_never_sees_sensitive_content(engine, view):
     outside = [n for n in a if n.startswith("public.")]
     assert outside and all(torch.equal(a[n], b[n]) for n in outside)
     inside = [n for n in a if n.startswith("residual.")]
-    moved = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in inside)) * B
-    assert 0 < float(moved) <= 2 * CLIP * len(x) * (1 + 1e-9)
+    assert 0 < release_distance(a, b, inside) * B <= 2 * CLIP * len(x) * (1 + 1e-9)
 
 
 def test_every_parameter_private_is_refused():
@@ -180,8 +184,6 @@ def test_bad_pairs_are_refused(public, residual, match):
 
 
 def test_private_branch_run_trains_the_branch_privately_and_the_model_publicly(tmp_path):
-    from helpers import TINY_TRAIN
-
     from maskdp.trainer.config import build_config
     from maskdp.trainer.run import Run
 
@@ -226,9 +228,6 @@ def test_private_branch_bad_combinations_are_refused(options, match):
 def test_private_branch_trains_under_the_drop_view(tmp_path):
     """DropView's protocol is the public model's; the run's update of the public model is
     bit-identical when only sensitive content changes (the branch's is noised)."""
-    from helpers import TINY_TRAIN
-
-    from maskdp.mechanism.views import DropView
     from maskdp.trainer.config import build_config
     from maskdp.trainer.run import train
 
