@@ -445,8 +445,9 @@ def render(rows: list[Row], *, reps: int) -> str:
         "shared CPU: compare within a row, not across machines; the non-private floor is "
         "three plain forward and backward passes of the same batch (what one step computes "
         "without privacy), and `auto` / floor is the chosen engine's time over it. `auto` "
-        "ends on the engine that computed a first batch (docs/models.md, above). Hugging "
-        "Face models: 2 layers of width 64 through `from_huggingface`. Every `ok` engine matches "
+        "ends on the engine that computed a probe of the first batch (docs/models.md, "
+        "above). Hugging Face models: 2 layers of width 64 through `from_huggingface`. "
+        "Every `ok` engine matches "
         "the `reference` per-sample loop (largest relative difference of the public and "
         "private sums in the last column; above 1e-4 the engine is rerun in float64 to tell "
         "rounding from a wrong gradient, see the notes).",

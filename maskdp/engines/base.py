@@ -276,15 +276,16 @@ def build_engine(
 
 class AutoEngine(Engine):
     """``engine="auto"``: the first engine, in preference order, that accepts the model
-    (``check_support``) *and* computes its first non-empty batch.
+    (``check_support``) *and* computes a probe of its first non-empty batch.
 
-    Some refusals can only show on a real batch (a per-frame CNN that folds time into the
-    batch, an in-place residual under Opacus hooks, a module the ghost engine cannot replay).
-    Every engine refuses all-or-nothing, before anything leaves ``compute``, and for reasons
-    of structure (shapes, hooks, in-place writes, replays checked on public rows), never of
-    sensitive values; all engines compute the same sums. So the batch is computed again by
-    the next engine, and the choice is kept from then on. :attr:`reasons` says why each
-    preferred engine was passed over.
+    Some refusals can only show on a batch (a per-frame CNN that folds time into the batch,
+    an in-place residual under Opacus hooks, a module the ghost engine cannot replay, per-
+    sample gradients that do not add up to the batched one). The choice is made on
+    :func:`probe_batch`, the first batch's structure with every value replaced by draws
+    of a fixed generator, so the engine that trains (and ``metrics.json`` names) is a
+    function of the model and the batch's shapes alone, never of a sensitive value or
+    label. The choice is then kept: a refusal on a real batch is raised, never a switch.
+    :attr:`reasons` says why each preferred engine was passed over.
     """
 
     def __init__(
@@ -309,19 +310,28 @@ class AutoEngine(Engine):
         return self.engine.autocast_safe
 
     def compute(self, batch: MaskedBatch, *, max_grad_norm: float) -> ClippedSum:
+        if not self._settled and len(batch) > 0:
+            self._settle(probe_batch(batch), max_grad_norm)
+        return self.engine.compute(batch, max_grad_norm=max_grad_norm)
+
+    def _settle(self, probe: MaskedBatch, max_grad_norm: float) -> None:
+        """Keep the first candidate that computes ``probe`` (torch's generator restored)."""
         while True:
+            snapshot = RngSnapshot(probe.targets.device)
             try:
-                result = self.engine.compute(batch, max_grad_norm=max_grad_norm)
+                self.engine.compute(probe, max_grad_norm=max_grad_norm)
             except UnsupportedModelError as err:
-                if self._settled or not self._candidates:
+                if not self._candidates:
                     raise
                 self.reasons.append(f"{self.engine.name}: {err}")
                 self.engine.close()
                 self.engine = self._candidates.pop(0)(self.model, self._loss_arg)
                 self.loss_fn = self.engine.loss_fn
                 continue
-            self._settled = self._settled or len(batch) > 0
-            return result
+            finally:
+                snapshot.restore()
+            self._settled = True
+            return
 
     def close(self) -> None:
         self.engine.close()
@@ -329,3 +339,30 @@ class AutoEngine(Engine):
     def __repr__(self) -> str:
         why = f"; passed over {'; '.join(self.reasons)}" if self.reasons else ""
         return f"AutoEngine(chose {self.engine.name!r}{why})"
+
+
+#: Rows of :func:`probe_batch`: a fixed number, as a Poisson batch's size is not public.
+PROBE_ROWS = 2
+
+
+def probe_batch(batch: MaskedBatch, seed: int = 0) -> MaskedBatch:
+    """``batch``'s structure without its values: :data:`PROBE_ROWS` rows (the first ones,
+    repeated if fewer), every floating tensor replaced by standard normal draws of a
+    generator seeded with ``seed``, targets by zeros (a valid class index); integer and
+    boolean tensors (token indices and masks: functions of the public masks) are kept."""
+    index = torch.arange(PROBE_ROWS, device=batch.targets.device) % len(batch)
+    generator = torch.Generator().manual_seed(seed)
+
+    def blank(tensor: Tensor) -> Tensor:
+        rows = tensor[index.to(tensor.device)]
+        if not rows.is_floating_point():
+            return rows
+        draws = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
+        return draws.to(dtype=rows.dtype, device=rows.device)
+
+    def blank_input(sample: ModelInput) -> ModelInput:
+        return ModelInput(blank(sample.inputs), {k: blank(v) for k, v in sample.kwargs.items()})
+
+    public = None if batch.public is None else blank_input(batch.public)
+    targets = torch.zeros_like(batch.targets[index])
+    return MaskedBatch(blank_input(batch.full), public, targets, batch.random)

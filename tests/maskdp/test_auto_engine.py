@@ -1,6 +1,7 @@
 """``engine="auto"`` (maskdp/engines/base.py AutoEngine): the first engine that accepts the
-model *and* computes its first batch; refusals that only show on a real batch fall through
-to the next engine, with the reasons kept, and the numbers are the reference loop's."""
+model *and* computes a probe of its first batch (its structure, no sensitive value);
+refusals that only show on a batch fall through to the next engine, with the reasons kept,
+the numbers are the reference loop's, and the choice never depends on sensitive content."""
 
 from __future__ import annotations
 
@@ -84,13 +85,67 @@ def _scripted(name: str, fail_on: set[int]) -> type[Engine]:
 
 def test_a_refusal_after_the_first_successful_batch_is_raised_not_hidden():
     model = nn.Linear(2, 2)
-    first, second = _scripted("first", {1}), _scripted("second", {2})
+    first, second = _scripted("first", {1}), _scripted("second", {3})
     engine = AutoEngine(model, nn.CrossEntropyLoss(), [first, second])
     batch = batch_of()
-    engine.compute(batch, max_grad_norm=1.0)  # first refuses: second computes the batch
+    engine.compute(batch, max_grad_norm=1.0)  # first refuses the probe: second computes
     assert engine.name == "second" and engine.reasons == ["first: first refused call 1"]
-    with pytest.raises(UnsupportedModelError, match="second refused call 2"):
+    with pytest.raises(UnsupportedModelError, match="second refused call 3"):
         engine.compute(batch, max_grad_norm=1.0)  # settled: no silent switch mid-training
+
+
+class GatedOutsideUse(nn.Module):
+    """``lin.weight`` also used by the parent, with a weight that is zero unless the clip
+    holds a value above 5: per-sample hooks miss that use only on such clips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3 * 4 * 16 * 16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = torch.relu(x.flatten(1).amax(1) - 5.0)[:, None]
+        return self.lin(x.flatten(1)) + gate * self.lin.weight.sum(1)
+
+
+def test_the_choice_depends_on_no_sensitive_value():
+    """Two batches that differ only in one record's sensitive pixels (one of them set to 9,
+    which trips the hooks' consistency check) get the same engine; where the hooks cannot
+    compute the real batch, the step is refused, not computed by another engine."""
+    from maskdp.engines.hooks import HooksEngine
+    from maskdp.engines.vmap import VmapEngine
+
+    torch.manual_seed(0)
+    x, mask, y = random_clips(3, seed=1, p=0.3, dtype=torch.float64)
+    tripped = x.clone()
+    tripped[0][:, mask[0]] = 9.0  # sensitive pixels of record 0 only
+    chosen = []
+    for clips in (x, tripped):
+        model = GatedOutsideUse().double()
+        engine = AutoEngine(model, nn.CrossEntropyLoss(), [HooksEngine, VmapEngine])
+        batch = make_batch(FillView(0.0), clips, mask, y)
+        try:
+            engine.compute(batch, max_grad_norm=1.0)
+        except UnsupportedModelError as err:
+            assert clips is tripped and "do not add up" in str(err)
+        chosen.append((engine.name, engine.reasons))
+    assert chosen[0] == chosen[1] == ("hooks", [])
+
+
+def test_the_probe_keeps_structure_and_hides_values():
+    from maskdp.engines.base import PROBE_ROWS, probe_batch
+    from maskdp.mechanism.views import ModelInput
+
+    x, mask, y = random_clips(1, seed=1, p=0.3, dtype=torch.float64)
+    tokens = torch.tensor([[2, 5]])
+    batch = MaskedBatch(ModelInput(x), ModelInput(x * 0, {"keep": tokens}), y)
+    probe = probe_batch(batch)
+    assert len(probe) == PROBE_ROWS and probe.full.inputs.shape[1:] == x.shape[1:]
+    assert probe.full.inputs.dtype == x.dtype and not probe.targets.any()
+    assert torch.equal(probe.public.kwargs["keep"], tokens.repeat(PROBE_ROWS, 1))
+    changed = MaskedBatch(ModelInput(x + 1), ModelInput(x * 0 + 3, {"keep": tokens}), y + 1)
+    again = probe_batch(changed)
+    torch.testing.assert_close(again.full.inputs, probe.full.inputs, rtol=0, atol=0)
+    torch.testing.assert_close(again.public.inputs, probe.public.inputs, rtol=0, atol=0)
 
 
 def test_the_last_candidates_refusal_is_raised():
