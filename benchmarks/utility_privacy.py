@@ -83,6 +83,7 @@ RECORDED_DPSGD_POINTS: dict[tuple[str, str], dict[str, Any]] = {
 SECTION_MAIN = "## Utility on real footage: main table at the current defaults"
 SECTION_QUICK = "## Utility on real footage: quick check (one seed)"
 LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("view=texture-pan (the texture does not ride with the region)", {"view": "texture-pan"}),
     ("view=coverage", {"view": "coverage"}),
     ("view=fill", {"view": "fill"}),
     ("view=random", {"view": "random"}),

@@ -13,9 +13,13 @@ randomness). For one clip of :math:`C` channels, :math:`T` frames of :math:`H \t
   (natural images have :math:`\alpha \approx 1`: Field 1987, van der Schaaf and van Hateren
   1996), :math:`\alpha \sim U[\alpha_{lo}, \alpha_{hi}]`; the channels share a luminance
   field and add ``chroma`` times their own, as the channels of photographs are correlated;
-- a pan of :math:`v \sim U[-s, s]^2` pixels per frame (``max_speed`` :math:`s`), applied as
-  the phase ramp :math:`e^{-2\pi i\, k \cdot v t}` on the periodic field: seamless and exact
-  at sub-pixel speeds;
+- a pan of :math:`v \sim U[-s, s]^2` pixels per frame (``max_speed`` :math:`s`), plus
+  (``follow_region``) the displacement :math:`d_t` of the sensitive region's centroid since
+  the first frame (:func:`region_offsets`, a function of the mask, which is public), so
+  the texture rides with a moving region as the content it replaces does (a person's
+  clothes move with the person); applied as the phase ramp
+  :math:`e^{-2\pi i\, k \cdot (v t + d_t)}` on the periodic field: seamless and exact at
+  sub-pixel shifts;
 - each channel normalised to zero mean and unit variance, then mapped to
   :math:`b + \gamma z` with brightness :math:`b \sim U[0.2, 0.8]` (plus a per-channel tint
   in :math:`\pm 0.1`) and contrast :math:`\gamma \sim U[0.05, 0.3]`, scaled to
@@ -37,10 +41,11 @@ from torch import Tensor
 
 from maskdp.checks import check_finite
 from maskdp.errors import InvalidInputError
+from maskdp.mechanism.masks import check_pixel_mask
 from maskdp.mechanism.randomness import in_private_scope
-from maskdp.mechanism.views import PixelView
+from maskdp.mechanism.views import ModelInput, PixelView
 
-__all__ = ["TextureFillView"]
+__all__ = ["TextureFillView", "region_offsets"]
 
 _BRIGHTNESS = (0.2, 0.8)
 _TINT = 0.1
@@ -55,6 +60,7 @@ class TextureFillView(PixelView):
         alpha: the range of the spectral exponent :math:`\\alpha`.
         max_speed: the largest pan speed, pixels per frame along each axis.
         chroma: the weight of each channel's own field beside the shared luminance.
+        follow_region: move the texture with the sensitive region's centroid.
         seed: seeds the view's generator (public; saved by :meth:`state_dict`).
     """
 
@@ -66,6 +72,7 @@ class TextureFillView(PixelView):
         alpha: tuple[float, float] = (0.8, 1.6),
         max_speed: float = 1.5,
         chroma: float = 0.3,
+        follow_region: bool = True,
         seed: int = 0,
     ) -> None:
         if not (_is_real(low) and _is_real(high) and low < high):
@@ -79,10 +86,23 @@ class TextureFillView(PixelView):
         self.alpha = (alpha_lo, alpha_hi)
         self.max_speed = check_finite("max_speed", max_speed)
         self.chroma = check_finite("chroma", chroma)
+        if not isinstance(follow_region, bool):
+            raise InvalidInputError(
+                f"TextureFillView follow_region must be True or False, got {follow_region!r}"
+            )
+        self.follow_region = follow_region
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def replacement(self, inputs: Tensor) -> Tensor:
+    def public(self, inputs: Tensor, mask: Tensor) -> ModelInput:
+        check_pixel_mask(mask, inputs)
+        offsets = region_offsets(mask) if self.follow_region else None
+        fill = self.replacement(inputs, offsets)
+        return ModelInput(torch.where(mask[:, None], fill, inputs))
+
+    def replacement(self, inputs: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """The texture (N, C, T, H, W); frame t shifted by ``offsets[:, t]`` (N, T, 2)
+        pixels on top of the random pan."""
         if inputs.dim() != 5:
             raise InvalidInputError(
                 f"TextureFillView needs clips (N, C, T, H, W), got shape {tuple(inputs.shape)}"
@@ -92,7 +112,7 @@ class TextureFillView(PixelView):
             return torch.empty_like(inputs)
         generator = None if in_private_scope() else self._generator
         draws = self._draws(n, channels, height, width, generator)
-        fields = _moving_fields(draws, frames, height, width, device=inputs.device)
+        fields = _moving_fields(draws, frames, height, width, offsets, device=inputs.device)
         texture = self._colour(fields, draws, channels)  # (N, C, T, H, W) in [0, 1]
         texture = self.low + (self.high - self.low) * texture
         return texture.clamp_(self.low, self.high).to(dtype=inputs.dtype)
@@ -135,7 +155,8 @@ class TextureFillView(PixelView):
     def __repr__(self) -> str:
         return (
             f"TextureFillView(low={self.low}, high={self.high}, alpha={self.alpha}, "
-            f"max_speed={self.max_speed}, chroma={self.chroma}, seed={self.seed})"
+            f"max_speed={self.max_speed}, chroma={self.chroma}, "
+            f"follow_region={self.follow_region}, seed={self.seed})"
         )
 
 
@@ -143,8 +164,36 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def region_offsets(mask: Tensor) -> Tensor:
+    """Displacement (N, T, 2), in pixels (rows, columns), of each clip's sensitive-region
+    centroid from its first frame. A frame without sensitive pixels takes the centroid of
+    the nearest earlier frame that has some (of the first such frame before it): a function
+    of the mask alone."""
+    frames, height, width = mask.shape[1:]
+    weight = mask.to(torch.float32)
+    area = weight.sum(dim=(2, 3))
+    ys = torch.arange(height, dtype=torch.float32, device=mask.device)
+    xs = torch.arange(width, dtype=torch.float32, device=mask.device)
+    rows = (weight.sum(3) * ys).sum(2) / area.clamp_min(1)
+    cols = (weight.sum(2) * xs).sum(2) / area.clamp_min(1)
+    centre = torch.stack([rows, cols], dim=-1)  # (N, T, 2)
+    seen = area > 0
+    for t in range(1, frames):  # carry the last centroid forward over empty frames
+        centre[:, t] = torch.where(seen[:, t, None], centre[:, t], centre[:, t - 1])
+        seen[:, t] |= seen[:, t - 1]
+    for t in range(frames - 2, -1, -1):  # and the first one back over leading empty frames
+        centre[:, t] = torch.where(seen[:, t, None], centre[:, t], centre[:, t + 1])
+    return centre - centre[:, :1]
+
+
 def _moving_fields(
-    draws: dict[str, Tensor], frames: int, height: int, width: int, *, device: torch.device
+    draws: dict[str, Tensor],
+    frames: int,
+    height: int,
+    width: int,
+    offsets: Tensor | None = None,
+    *,
+    device: torch.device,
 ) -> Tensor:
     r"""Fields with spectrum :math:`|k|^{-\alpha}`, panned by :math:`v t`: (N, T, C+1, H, W).
 
@@ -157,6 +206,9 @@ def _moving_fields(
     spectrum = torch.fft.rfft2(draws["white"].to(device)) * radius.pow(-alpha)  # (N, C+1, h, w)
     velocity = draws["velocity"].to(device)
     t = torch.arange(frames, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    shift = velocity[:, 0].view(-1, 1, 1, 1) * fy + velocity[:, 1].view(-1, 1, 1, 1) * fx
-    ramp = torch.polar(torch.ones_like(shift * t), -2.0 * math.pi * shift * t)  # (N, T, h, w)
+    displacement = velocity[:, None, :] * t.view(1, -1, 1)  # (N, T, 2)
+    if offsets is not None:
+        displacement = displacement + offsets.to(device)
+    phase = displacement[..., 0, None, None] * fy + displacement[..., 1, None, None] * fx
+    ramp = torch.polar(torch.ones_like(phase), -2.0 * math.pi * phase)  # (N, T, h, w)
     return torch.fft.irfft2(spectrum[:, None] * ramp[:, :, None], s=(height, width))

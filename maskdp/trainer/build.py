@@ -159,8 +159,8 @@ def build_view(config: TrainConfig, model: nn.Module) -> Any:
 
     if config.view == "coverage":
         return CoverageView(seed=config.seed)
-    if config.view == "texture":
-        return TextureFillView(seed=config.seed)
+    if config.view in ("texture", "texture-pan"):
+        return TextureFillView(seed=config.seed, follow_region=config.view == "texture")
     if config.view == "fill":
         return FillView(0.5)
     if config.view == "random":

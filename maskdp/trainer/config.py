@@ -69,12 +69,15 @@ class TrainConfig(BaseModel):
     image_size: int = Field(
         32, ge=1, description="Height and width of synthetic clips.", json_schema_extra=_DATA
     )
-    view: Literal["texture", "coverage", "fill", "random", "inpaint", "drop"] = Field(
-        "texture",
-        description="Public view of the masked clips (texture: a moving natural-looking "
-        "texture; coverage: texture where most of a clip is sensitive, a constant fill where "
-        "little is).",
-        json_schema_extra=_DATA,
+    view: Literal["texture", "texture-pan", "coverage", "fill", "random", "inpaint", "drop"] = (
+        Field(
+            "texture",
+            description="Public view of the masked clips (texture: a natural-looking texture "
+            "that moves with the sensitive region, plus a random pan; texture-pan: the pan "
+            "alone; coverage: texture where most of a clip is sensitive, a constant fill "
+            "where little is).",
+            json_schema_extra=_DATA,
+        )
     )
     temporal_centering: bool = Field(
         True,

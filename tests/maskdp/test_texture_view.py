@@ -1,4 +1,5 @@
-"""TextureFillView: seeded, data-independent, a 1/f^alpha spectrum, and an exact pan;
+"""TextureFillView: seeded, data-independent, a 1/f^alpha spectrum, an exact pan, and a
+texture that rides with the sensitive region (centroids against a by-hand loop);
 CoverageView: the per-clip choice against a by-hand one."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from maskdp.errors import InvalidInputError
 from maskdp.mechanism.coverage_view import CoverageView
 from maskdp.mechanism.randomness import InsecureSeededRandomness, private_scope
-from maskdp.mechanism.texture_view import TextureFillView, _moving_fields
+from maskdp.mechanism.texture_view import TextureFillView, _moving_fields, region_offsets
 from maskdp.mechanism.views import DropView, FillView
 
 
@@ -74,6 +75,54 @@ def test_integer_pan_is_an_exact_periodic_shift():
     for t in range(4):
         expected = torch.roll(fields[:, 0], shifts=(t, -2 * t), dims=(-2, -1))
         torch.testing.assert_close(fields[:, t], expected, rtol=0, atol=1e-5)
+
+
+def moving_box(n: int, frames: int, size: int, step: tuple[int, int]) -> torch.Tensor:
+    """A 4 x 5 box whose top-left corner moves ``step`` pixels (rows, columns) a frame."""
+    mask = torch.zeros((n, frames, size, size), dtype=torch.bool)
+    for t in range(frames):
+        top, left = 3 + step[0] * t, 2 + step[1] * t
+        mask[:, t, top : top + 4, left : left + 5] = True
+    return mask
+
+
+def test_the_texture_rides_with_the_sensitive_region():
+    """No pan (max_speed 0): the pixels inside a box moving by (1, 2) a frame are frame 0's
+    box pixels, so the texture moves with the box; without following, they stay put."""
+    x, mask = torch.rand(2, 3, 4, 24, 24), moving_box(2, 4, 24, (1, 2))
+    ride = TextureFillView(max_speed=0.0, seed=3).public(x, mask).inputs
+    still = TextureFillView(max_speed=0.0, follow_region=False, seed=3).public(x, mask).inputs
+    box = lambda v, t: v[:, :, t, 3 + t : 7 + t, 2 + 2 * t : 7 + 2 * t]  # noqa: E731
+    for t in range(1, 4):
+        torch.testing.assert_close(box(ride, t), box(ride, 0), rtol=0, atol=1e-5)
+        assert (box(still, t) - box(still, 0)).abs().max() > 0.01
+
+
+def test_region_offsets_against_a_by_hand_loop():
+    """Centroid displacement per frame; empty frames take the last (or first) centroid."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand((3, 6, 9, 7), generator=gen) < 0.3
+    mask[0, 2] = False  # an empty frame in the middle
+    mask[1, :2] = False  # leading empty frames
+    mask[2] = False  # no sensitive pixel at all
+    want = torch.zeros(3, 6, 2)
+    for i in range(3):
+        centres = []
+        for t in range(6):
+            where = mask[i, t].nonzero().float()
+            centres.append(where.mean(0) if len(where) else None)
+        known = [c for c in centres if c is not None]
+        last = known[0] if known else torch.zeros(2)
+        for t in range(6):
+            last = centres[t] if centres[t] is not None else last
+            centres[t] = last
+        want[i] = torch.stack(centres) - centres[0]
+    torch.testing.assert_close(region_offsets(mask), want, rtol=0, atol=1e-5)
+
+
+def test_follow_region_must_be_a_bool():
+    with pytest.raises(InvalidInputError, match="follow_region"):
+        TextureFillView(follow_region="yes")
 
 
 @pytest.mark.parametrize("alpha", [0.8, 1.5])
