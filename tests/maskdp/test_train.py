@@ -314,7 +314,8 @@ def test_cli_train_has_one_option_per_config_field() -> None:
         assert field.description and field.description in option.help, name
     assert options["temporal_centering"].secondary_opts == ["--no-temporal-centering"]
     assert (
-        "One of: texture, coverage, fill, random, inpaint, drop." in options["view"].help
+        "One of: texture, texture-pan, coverage, fill, random, inpaint, drop."
+        in options["view"].help
     )  # and a click choice
 
 
@@ -396,3 +397,13 @@ def test_the_default_public_batch_is_four_private_ones_at_most_the_dataset(tmp_p
     assert run.optimizer.expected_public_batch_size == 16 and run.loader.public_sample_rate == 0.5
     run = Run(build_config(**TINY), tmp_path / "b")  # 4 x 8 = 32 = the dataset
     assert run.optimizer.expected_public_batch_size == 32 and run.loader.public_sample_rate == 1.0
+
+
+@pytest.mark.parametrize(("view", "follows"), [("texture", True), ("texture-pan", False)])
+def test_texture_views_ride_with_the_region_unless_asked_not_to(view: str, follows: bool) -> None:
+    from maskdp.mechanism.texture_view import TextureFillView
+    from maskdp.trainer.build import build_view
+
+    built = build_view(build_config(view=view, seed=3), model=torch.nn.Linear(1, 1))
+    assert isinstance(built, TextureFillView) and built.follow_region is follows
+    assert built.seed == 3
