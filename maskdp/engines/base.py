@@ -347,21 +347,23 @@ PROBE_ROWS = 2
 
 def probe_batch(batch: MaskedBatch, seed: int = 0) -> MaskedBatch:
     """``batch``'s structure without its values: :data:`PROBE_ROWS` rows (the first ones,
-    repeated if fewer), every floating tensor replaced by standard normal draws of a
-    generator seeded with ``seed``, targets by zeros (a valid class index); integer and
-    boolean tensors (token indices and masks: functions of the public masks) are kept."""
+    repeated if fewer); the clips and every floating keyword tensor replaced by standard
+    normal draws of a generator seeded with ``seed`` (zeros for a clip tensor that is not
+    floating), targets by zeros (a valid class index); integer and boolean keyword tensors
+    (token indices and masks: functions of the public masks) are kept."""
     index = torch.arange(PROBE_ROWS, device=batch.targets.device) % len(batch)
     generator = torch.Generator().manual_seed(seed)
 
-    def blank(tensor: Tensor) -> Tensor:
+    def blank(tensor: Tensor, *, clip: bool = False) -> Tensor:
         rows = tensor[index.to(tensor.device)]
         if not rows.is_floating_point():
-            return rows
+            return torch.zeros_like(rows) if clip else rows
         draws = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
         return draws.to(dtype=rows.dtype, device=rows.device)
 
     def blank_input(sample: ModelInput) -> ModelInput:
-        return ModelInput(blank(sample.inputs), {k: blank(v) for k, v in sample.kwargs.items()})
+        kwargs = {k: blank(v) for k, v in sample.kwargs.items()}
+        return ModelInput(blank(sample.inputs, clip=True), kwargs)
 
     public = None if batch.public is None else blank_input(batch.public)
     targets = torch.zeros_like(batch.targets[index])

@@ -146,6 +146,8 @@ def test_the_probe_keeps_structure_and_hides_values():
     again = probe_batch(changed)
     torch.testing.assert_close(again.full.inputs, probe.full.inputs, rtol=0, atol=0)
     torch.testing.assert_close(again.public.inputs, probe.public.inputs, rtol=0, atol=0)
+    codes = MaskedBatch(ModelInput(torch.tensor([[4, 7]])), None, torch.tensor([1]))
+    assert not probe_batch(codes).full.inputs.any()  # a clip of integer codes: zeros
 
 
 def test_the_last_candidates_refusal_is_raised():
