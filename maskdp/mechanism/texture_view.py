@@ -41,9 +41,8 @@ from torch import Tensor
 
 from maskdp.checks import check_finite
 from maskdp.errors import InvalidInputError
-from maskdp.mechanism.masks import check_pixel_mask
 from maskdp.mechanism.randomness import in_private_scope
-from maskdp.mechanism.views import ModelInput, PixelView
+from maskdp.mechanism.views import PixelView
 
 __all__ = ["TextureFillView", "region_offsets"]
 
@@ -94,11 +93,9 @@ class TextureFillView(PixelView):
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def public(self, inputs: Tensor, mask: Tensor) -> ModelInput:
-        check_pixel_mask(mask, inputs)
-        offsets = region_offsets(mask) if self.follow_region else None
-        fill = self.replacement(inputs, offsets)
-        return ModelInput(torch.where(mask[:, None], fill, inputs))
+    def fill(self, inputs: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`replacement`, riding with the region when ``follow_region``."""
+        return self.replacement(inputs, region_offsets(mask) if self.follow_region else None)
 
     def replacement(self, inputs: Tensor, offsets: Tensor | None = None) -> Tensor:
         """The texture (N, C, T, H, W); frame t shifted by ``offsets[:, t]`` (N, T, 2)
@@ -167,8 +164,8 @@ def _is_real(value: object) -> bool:
 def region_offsets(mask: Tensor) -> Tensor:
     """Displacement (N, T, 2), in pixels (rows, columns), of each clip's sensitive-region
     centroid from its first frame. A frame without sensitive pixels takes the centroid of
-    the nearest earlier frame that has some (of the first such frame before it): a function
-    of the mask alone."""
+    the nearest earlier frame that has some (leading empty frames: of the first frame that
+    has some): a function of the mask alone."""
     frames, height, width = mask.shape[1:]
     weight = mask.to(torch.float32)
     area = weight.sum(dim=(2, 3))
@@ -195,7 +192,8 @@ def _moving_fields(
     *,
     device: torch.device,
 ) -> Tensor:
-    r"""Fields with spectrum :math:`|k|^{-\alpha}`, panned by :math:`v t`: (N, T, C+1, H, W).
+    r"""Fields with spectrum :math:`|k|^{-\alpha}`, shifted by :math:`v t` plus ``offsets``
+    (N, T, 2) when given: (N, T, C+1, H, W).
 
     The DC term is dropped (each channel is normalised afterwards)."""
     fy = torch.fft.fftfreq(height, device=device)[:, None]
@@ -205,8 +203,8 @@ def _moving_fields(
     alpha = draws["alpha"].to(device).view(-1, 1, 1, 1)
     spectrum = torch.fft.rfft2(draws["white"].to(device)) * radius.pow(-alpha)  # (N, C+1, h, w)
     velocity = draws["velocity"].to(device)
-    t = torch.arange(frames, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    displacement = velocity[:, None, :] * t.view(1, -1, 1)  # (N, T, 2)
+    t = torch.arange(frames, device=device, dtype=torch.float32)
+    displacement = velocity[:, None, :] * t[None, :, None]  # (N, T, 2)
     if offsets is not None:
         displacement = displacement + offsets.to(device)
     phase = displacement[..., 0, None, None] * fy + displacement[..., 1, None, None] * fx

@@ -104,15 +104,19 @@ def with_absent(full: ModelInput, public: ModelInput, present: Tensor | None) ->
 
 class PixelView:
     """Base of the views that replace sensitive pixels and keep every token: a subclass
-    defines ``replacement(inputs)``, the values put where the mask is ``True``."""
+    defines ``replacement(inputs)``, the values put where the mask is ``True`` (or
+    ``fill(inputs, mask)``, where the values may also depend on the public mask)."""
 
     def replacement(self, inputs: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fill(self, inputs: Tensor, mask: Tensor) -> Tensor:
+        """The values put where ``mask`` is ``True``: :meth:`replacement` by default."""
+        return self.replacement(inputs)
+
     def public(self, inputs: Tensor, mask: Tensor) -> ModelInput:
         check_pixel_mask(mask, inputs)
-        fill = self.replacement(inputs)
-        return ModelInput(torch.where(mask[:, None], fill, inputs))
+        return ModelInput(torch.where(mask[:, None], self.fill(inputs, mask), inputs))
 
     def full(self, inputs: Tensor, mask: Tensor) -> ModelInput:
         check_pixel_mask(mask, inputs)
