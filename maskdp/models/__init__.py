@@ -10,6 +10,7 @@ _EXPORTS: dict[str, str] = {
     "VideoViT": "maskdp.models.vit",
     "PositionalEmbedding": "maskdp.models.vit",
     "SmallVideoCNN": "maskdp.models.cnn",
+    "AdaptiveAvgMaxPool3d": "maskdp.models.cnn",
     "prepare": "maskdp.models.preparation",
     "PrepareReport": "maskdp.models.preparation",
     "from_huggingface": "maskdp.models.adapters",

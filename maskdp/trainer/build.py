@@ -109,22 +109,26 @@ def build_model(
     :class:`~maskdp.models.PrivateResidual` of two of them."""
     from maskdp.models import PrivateResidual
 
-    model = _one_model(config, num_classes, clip_shape, config.temporal_centering)
+    model = _one_model(config, num_classes, clip_shape, branch=False)
     if not config.uses_private_branch:
         return model
-    # The branch sees what the public model cannot: the sensitive region's content, which
-    # temporal centering would remove where it is static (a scene's colours).
-    return PrivateResidual(model, _one_model(config, num_classes, clip_shape, False))
+    return PrivateResidual(model, _one_model(config, num_classes, clip_shape, branch=True))
 
 
 def _one_model(
     config: TrainConfig,
     num_classes: int,
     clip_shape: tuple[int, ...] | None,
-    temporal_centering: bool,
+    *,
+    branch: bool,
 ) -> nn.Module:
+    """One model of the config's kind. The private ``branch`` sees what the public model
+    cannot, the sensitive region's content: never temporally centred (centering removes a
+    static scene's colours), and the CNN branch pools by average and max (a scene fills
+    the clip, an actor does not; benchmarks/RESULTS.md, "(cnn)" main table)."""
     from maskdp.models import SmallVideoCNN, VideoViT
 
+    temporal_centering = config.temporal_centering and not branch
     channels, frames, height, width = clip_shape or (3, config.frames, *[config.image_size] * 2)
     if config.model == "vit":
         return VideoViT(
@@ -135,7 +139,13 @@ def _one_model(
             temporal_centering=temporal_centering,
         )
     if config.model == "cnn":
-        return SmallVideoCNN(num_classes=num_classes, in_channels=channels, blocks=3, pool="max")
+        return SmallVideoCNN(
+            num_classes=num_classes,
+            in_channels=channels,
+            blocks=3,
+            pool="avgmax" if branch else "max",
+            temporal_centering=temporal_centering,
+        )
     return _r3d_18(num_classes, channels)
 
 

@@ -81,8 +81,9 @@ class TrainConfig(BaseModel):
     )
     temporal_centering: bool = Field(
         True,
-        description="vit: subtract each pixel's mean over the clip's frames (what changes "
-        "over time reaches the model, static content does not).",
+        description="vit and cnn: subtract each pixel's mean over the clip's frames (what "
+        "changes over time reaches the model, static content does not; the private branch "
+        "always sees the clip as it is).",
         json_schema_extra=_DATA,
     )
     engine: str = Field(

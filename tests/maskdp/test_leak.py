@@ -73,6 +73,18 @@ def cnn() -> nn.Module:
     return SmallVideoCNN(num_classes=3, width=8)
 
 
+def cnn_centered() -> nn.Module:
+    """As ``maskdp train --model cnn`` builds its public model: temporal centering on."""
+    torch.manual_seed(0)
+    return SmallVideoCNN(num_classes=3, width=8, temporal_centering=True)
+
+
+def cnn_avgmax() -> nn.Module:
+    """As ``maskdp train --model cnn`` builds its private branch: average and max pooling."""
+    torch.manual_seed(0)
+    return SmallVideoCNN(num_classes=3, width=8, pool="avgmax")
+
+
 def world_a(n: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     x, mask, y = random_clips(n, seed=3, p=0.3, uniform=True)
     mask[:, :2, :8, :8] = True  # every record has a sensitive token
@@ -176,8 +188,10 @@ def engine_pair(engine: str, view_name: str, model: nn.Module, how: str, erase: 
 @pytest.mark.parametrize("how", ["noise", "huge", "other_record", "nan", "inf"])
 @pytest.mark.parametrize(
     ("model_fn", "view_name"),
-    [(vit, v) for v in VIEWS] + [(cnn, v) for v in VIEWS if v != "drop"],  # drop: tokens only
-    ids=[f"vit-{v}" for v in VIEWS] + [f"cnn-{v}" for v in VIEWS if v != "drop"],
+    [(vit, v) for v in VIEWS]
+    + [(c, v) for c in (cnn, cnn_centered) for v in VIEWS if v != "drop"],  # drop: tokens only
+    ids=[f"vit-{v}" for v in VIEWS]
+    + [f"{c}-{v}" for c in ("cnn", "cnn_centered") for v in VIEWS if v != "drop"],
 )
 def test_public_view_and_per_sample_public_gradients_are_bit_identical(model_fn, view_name, how):
     model = model_fn()
@@ -240,8 +254,11 @@ def test_non_finite_sensitive_content_contributes_exactly_zero(engine, view_name
     "view_name", ["fill", "random", "texture", "coverage", "callable", "inpaint"]
 )
 @pytest.mark.parametrize("engine", ENGINES)
-def test_cnn_sensitive_content_moves_only_the_clipped_private_sum(engine, view_name):
-    a, b = engine_pair(engine, view_name, cnn(), "huge")
+@pytest.mark.parametrize(
+    "model_fn", [cnn, cnn_centered, cnn_avgmax], ids=["cnn", "cnn_centered", "cnn_avgmax"]
+)
+def test_cnn_sensitive_content_moves_only_the_clipped_private_sum(engine, view_name, model_fn):
+    a, b = engine_pair(engine, view_name, model_fn(), "huge")
     assert private_distance(a, b) <= 2 * CLIP * len(CHANGED) * (1 + 1e-5)
 
 

@@ -10,6 +10,8 @@ sensitive content changes; an erased record must leave the private sum.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import (
@@ -29,7 +31,7 @@ from maskdp.errors import InvalidInputError
 from maskdp.mechanism.randomness import InsecureSeededRandomness
 from maskdp.mechanism.texture_view import TextureFillView
 from maskdp.mechanism.views import DropView, FillView, InpaintView, RandomFillView
-from maskdp.models import PrivateResidual
+from maskdp.models import AdaptiveAvgMaxPool3d, PrivateResidual
 
 SEEDED = pytest.mark.filterwarnings("ignore::maskdp.mechanism.randomness.InsecureRandomnessWarning")
 ENGINES = [n for n in engine_names() if n != "auto"]
@@ -242,3 +244,40 @@ def test_private_branch_trains_under_the_drop_view(tmp_path):
     torch.testing.assert_close(model(x, **full.kwargs), expected, rtol=0, atol=0)
     result = train(build_config(**TINY_TRAIN, view="drop"), tmp_path / "run")
     assert result.epsilon is not None and 0 < result.epsilon
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_train_centres_the_public_model_and_never_the_branch(model):
+    """``temporal_centering`` reaches the public model of ``maskdp train`` (CNN and ViT);
+    the branch sees clips as they are. Checked against the definition: the public model's
+    logits equal an uncentred copy's on ``x - mean_t(x)``, and a static offset added to
+    every frame moves the branch but not the public model."""
+    from maskdp.trainer.build import build_model
+    from maskdp.trainer.config import build_config
+
+    config = build_config(model=model, image_size=16, frames=4)
+    built = build_model(config, num_classes=3)
+    assert built.public.temporal_centering and not built.residual.temporal_centering
+    if model == "cnn":  # the branch pools by average and max, the public model by max
+        assert isinstance(built.residual.pool, AdaptiveAvgMaxPool3d)
+        assert isinstance(built.public.pool, nn.AdaptiveMaxPool3d)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 16, 16)
+    plain = copy.deepcopy(built.public)
+    plain.temporal_centering = False
+    plain.input_mean = 0.0  # the ViT subtracts input_mean only when it does not centre
+    torch.testing.assert_close(built.public(x), plain(x - x.mean(dim=2, keepdim=True)))
+    static = torch.rand(1, 3, 1, 16, 16)
+    torch.testing.assert_close(built.public(x + static), built.public(x), atol=1e-5, rtol=0)
+    nn.init.normal_(built.residual.head.weight)  # zero-initialised: make the branch respond
+    assert not torch.allclose(built.residual(x + static), built.residual(x), atol=1e-3)
+
+
+def test_avgmax_pool_is_the_average_and_the_max_side_by_side():
+    x = torch.randn(2, 5, 3, 4, 4, dtype=torch.float64)
+    pooled = AdaptiveAvgMaxPool3d()(x).flatten(1)
+    brute = [[*(x[n, c].mean() for c in range(5)), *(x[n, c].max() for c in range(5))]
+             for n in range(2)]  # fmt: skip
+    torch.testing.assert_close(pooled, torch.tensor(brute, dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match="output_size must be 1"):
+        AdaptiveAvgMaxPool3d(2)
