@@ -1,5 +1,5 @@
 """Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, an
-adapter for Hugging Face video classifiers, and a public model plus a private residual
+adapters for Hugging Face and pytorchvideo video classifiers, and a public model plus a private residual
 branch."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ _EXPORTS: dict[str, str] = {
     "PrepareReport": "maskdp.models.preparation",
     "from_huggingface": "maskdp.models.adapters",
     "HuggingFaceVideo": "maskdp.models.adapters",
+    "from_pytorchvideo": "maskdp.models.adapters",
+    "PyTorchVideo": "maskdp.models.adapters",
     "PrivateResidual": "maskdp.models.residual",
 }
 

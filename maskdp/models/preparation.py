@@ -129,5 +129,8 @@ def prepare(model: nn.Module, *, groups: int | None = None) -> PrepareReport:
         if getattr(module, "inplace", False) is True:
             before = repr(module)
             module.inplace = False
-            changes.append(f"{path or root_name}: {before} -> {module!r}")
+            after = repr(module)
+            if "\n" in before:  # a container (pytorchvideo's MultiPathWayWithFuse): no repr
+                before, after = (f"{type(module).__name__}(inplace={v})" for v in (True, False))
+            changes.append(f"{path or root_name}: {before} -> {after}")
     return PrepareReport(model=prepared, changes=tuple(changes))
