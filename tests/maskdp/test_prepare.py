@@ -96,3 +96,18 @@ def test_root_batchnorm_and_instance_norm_with_running_stats():
 )
 def test_group_count_is_the_largest_divisor_up_to_32(channels, groups):
     assert group_count(channels) == groups
+
+
+def test_an_in_place_container_is_switched_and_named_on_one_line():
+    """A container with an ``inplace`` flag (pytorchvideo's MultiPathWayWithFuse): its change
+    line names the type, not a multi-line repr of its children."""
+
+    class Fuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inplace = True
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+    model, changes = prepare(nn.Sequential(Fuse()))
+    assert model[0].inplace is False
+    assert list(changes) == ["0: Fuse(inplace=True) -> Fuse(inplace=False)"]
