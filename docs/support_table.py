@@ -1,8 +1,8 @@
 """Measure which engine computes MaskDP gradients for which video model: docs/models.md's table.
 
-For each model (MaskDP's own, torchvision's and Hugging Face's video classifiers, and three
-hand-written transformers, randomly initialised), at the smallest input of a short list that
-the model accepts, the script
+For each model (MaskDP's own, torchvision's, Hugging Face's and pytorchvideo's video
+classifiers, and three hand-written transformers, randomly initialised), at the smallest
+input of a short list that the model accepts, the script
 
 1. runs :func:`maskdp.models.prepare` (BatchNorm -> GroupNorm, in-place activations off)
    and puts the model in eval mode (dropout and stochastic depth would make every call,
@@ -115,6 +115,30 @@ def _huggingface(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _pytorchvideo(name: str) -> Callable[[], nn.Module]:
+    """pytorchvideo's X3D (its default softmax head and Swish) or SlowFast-R18 (alpha 4),
+    random init, for 8 x 32 x 32 clips, through :func:`maskdp.models.from_pytorchvideo`."""
+
+    def build() -> nn.Module:
+        from maskdp.models import from_pytorchvideo
+
+        if name == "x3d":
+            from pytorchvideo.models.x3d import create_x3d
+
+            model = create_x3d(input_clip_length=8, input_crop_size=32, model_num_class=NUM_CLASSES)
+            return from_pytorchvideo(model)
+        from pytorchvideo.models.slowfast import create_slowfast
+
+        model = create_slowfast(
+            model_num_class=NUM_CLASSES,
+            model_depth=18,
+            head_pool_kernel_sizes=((2, 1, 1), (8, 1, 1)),
+        )
+        return from_pytorchvideo(model, alpha=4)
+
+    return build
+
+
 class _Tokens(nn.Module):
     """Tubelet tokens (8 x 8 x 2) of width 64 with a learnt positional table added."""
 
@@ -192,6 +216,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, int, int], ...
     "ViViT (HF)": (_huggingface("Vivit"), EIGHT),
     "TimeSformer (HF)": (_huggingface("Timesformer"), EIGHT),
     "V-JEPA 2 (HF)": (_huggingface("VJEPA2"), EIGHT),
+    "X3D (pytorchvideo)": (_pytorchvideo("x3d"), EIGHT),
+    "SlowFast-R18 (pytorchvideo)": (_pytorchvideo("slowfast"), EIGHT),
     "Conv3d + nn.TransformerEncoder": (EncoderClassifier, EIGHT),
     "nn.MultiheadAttention": (AttentionClassifier, EIGHT),
     "raw cls token in the root": (RootTokenClassifier, EIGHT),
@@ -287,6 +313,7 @@ def measure(name: str, *, reps: int = REPS, full: bool = False) -> Row:
         row.note = f"not measured: {err} (pip install 'maskdp[test]')"
         return row
     model, changes = prepare(built)
+    changes = [*getattr(built, "changes", ()), *changes]  # an adapter's own changes count too
     model.eval()  # dropout and stochastic depth off: every engine must see the same function
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
@@ -446,7 +473,9 @@ def render(rows: list[Row], *, reps: int) -> str:
         "three plain forward and backward passes of the same batch (what one step computes "
         "without privacy), and `auto` / floor is the chosen engine's time over it. `auto` "
         "ends on the engine that computed a probe of the first batch (docs/models.md, "
-        "above). Hugging Face models: 2 layers of width 64 through `from_huggingface`. "
+        "above). Hugging Face models: 2 layers of width 64 through `from_huggingface`; "
+        "pytorchvideo models through `from_pytorchvideo` (its changes are counted with "
+        "`prepare`'s). "
         "Every `ok` engine matches "
         "the `reference` per-sample loop (largest relative difference of the public and "
         "private sums in the last column; above 1e-4 the engine is rerun in float64 to tell "
