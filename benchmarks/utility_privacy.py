@@ -77,7 +77,9 @@ SWEEP = (0.5, 2.0, 8.0)
 #: which), so the main table can be re-measured without the 96-run grid.
 #: The CNN's full grid has not been run: it takes the ViT's learning rate, clipping norm and
 #: batch size, with temporal centering chosen on seed 0 (on for every task: 0.568, 0.459 and
-#: 0.518 on footage, footage-context and footage-person against 0.336, 0.367 and 0.451 off).
+#: 0.518 on footage, footage-context and footage-person against 0.336, 0.367 and 0.451 off;
+#: one run each of ``maskdp train --mode dpsgd --model cnn --scenario TASK --seed 0 --lr 0.01
+#: --max-grad-norm 0.1 --batch-size 64 [--no-temporal-centering]``, 2026-12-02).
 RECORDED_DPSGD_POINTS: dict[tuple[str, str], dict[str, Any]] = {
     (task, "vit"): {"lr": 1e-2, "max_grad_norm": 0.1, "batch_size": 64,
                     "temporal_centering": task != "footage-context"}

@@ -1,6 +1,6 @@
-"""Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, an
-adapters for Hugging Face and pytorchvideo video classifiers, and a public model plus a private residual
-branch."""
+"""Video models: a ViT with the token-drop protocol, a small 3D CNN, ``prepare``, adapters
+for Hugging Face and pytorchvideo video classifiers, and a public model plus a private
+residual branch."""
 
 from __future__ import annotations
 
